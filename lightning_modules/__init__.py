@@ -1,0 +1,1 @@
+"""LightningModules of every technique, the plain classifier, the data modules and the callbacks."""

@@ -1,0 +1,14 @@
+"""Callbacks that measure what a run costs; every technique can use them."""
+
+from lightning_modules.callbacks.energy import EnergyCallback, OperationCounts, estimate_inference_energy
+from lightning_modules.callbacks.flops import FlopsCallback, count_forward_cost
+from lightning_modules.callbacks.throughput import ThroughputCallback
+
+__all__ = [
+    "EnergyCallback",
+    "FlopsCallback",
+    "OperationCounts",
+    "ThroughputCallback",
+    "count_forward_cost",
+    "estimate_inference_energy",
+]

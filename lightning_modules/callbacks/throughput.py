@@ -1,0 +1,81 @@
+"""Images per second in training and test, measured over whole epochs."""
+
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(first, torch.Tensor):
+        return first.shape[0]
+    raise TypeError(
+        f"cannot tell the batch size of a batch of type {type(first).__name__}; "
+        "ThroughputCallback expects batches whose first element is a tensor of inputs"
+    )
+
+
+class ThroughputCallback(L.Callback):
+    """Log training and test throughput in samples per second on this process.
+
+    Training time runs from the start of each epoch to the end of its last batch,
+    so data loading is included and the validation that follows is not. Under DDP the logged figure is
+    one rank's; the global throughput is that times the world size.
+    """
+
+    def __init__(self) -> None:
+        self.train_rates: list[float] = []
+        self.test_rate: float | None = None
+        self._start = 0.0
+        self._samples = 0
+        self._elapsed = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._samples = 0
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_index: int
+    ) -> None:
+        self._samples += _batch_size(batch)
+        self._elapsed = time.perf_counter() - self._start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._samples == 0 or self._elapsed <= 0:
+            return
+        rate = self._samples / self._elapsed
+        self.train_rates.append(rate)
+        pl_module.log("throughput/train_samples_per_sec", rate, on_epoch=True, rank_zero_only=True)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._samples = 0
+        self._start = time.perf_counter()
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_index: int,
+        dataloader_index: int = 0,
+    ) -> None:
+        self._samples += _batch_size(batch)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = time.perf_counter() - self._start
+        if self._samples and elapsed > 0:
+            self.test_rate = self._samples / elapsed
+            pl_module.log("throughput/test_samples_per_sec", self.test_rate, rank_zero_only=True)
+
+    def summary(self) -> dict[str, Any]:
+        """Return the median training throughput over epochs and the test throughput."""
+        result: dict[str, Any] = {}
+        if self.train_rates:
+            result["train_samples_per_sec_median"] = statistics.median(self.train_rates)
+        if self.test_rate is not None:
+            result["test_samples_per_sec"] = self.test_rate
+        return result

@@ -1,0 +1,132 @@
+"""The plain image classifier: the dense baseline every technique is compared with."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning import LightningModule
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.schedules import build_scheduler
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+
+
+class ClassifierModule(LightningModule):
+    """Train ``net`` with cross-entropy and report top-1/top-5 accuracy.
+
+    Args:
+        net: the backbone, mapping images ``(B, C, H, W)`` to logits ``(B, num_classes)``.
+        optimizer: a factory taking parameter groups, such as ``functools.partial(torch.optim.SGD, lr=0.1)``
+            (Hydra's ``_partial_: true``).
+        scheduler: keyword arguments of :func:`lightning_modules.schedules.build_scheduler`
+            without the optimizer and step counts, e.g. ``{"name": "cosine", "warmup_epochs": 1}``.
+        num_classes: number of classes, for the accuracy metrics.
+        label_smoothing: label smoothing of the cross-entropy loss, in [0, 1).
+        channels_last: keep weights and inputs in channels-last memory format, which is
+            faster for convolutions on CPUs and on GPUs with tensor cores.
+        decay_norm_and_bias: apply the optimizer's weight decay to BatchNorm parameters
+            and biases too (He et al. and most CIFAR recipes do); false exempts them.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: dict[str, Any],
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        decay_norm_and_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_options = dict(scheduler)
+        self.label_smoothing = label_smoothing
+        self.channels_last = channels_last
+        self.decay_norm_and_bias = decay_norm_and_bias
+
+        top_k = min(5, num_classes)
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.test_accuracy_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return logits ``(B, num_classes)`` for images ``(B, C, H, W)``."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def setup(self, stage: str) -> None:
+        # A single-sample input lets the cost callbacks and Lightning's model summary
+        # run the network without knowing the data set.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "image_size"):
+            height, width = datamodule.image_size
+            self.example_input_array = torch.zeros(1, datamodule.in_channels, height, width)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+        self.train_accuracy(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy, self.val_accuracy_top5)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy, self.test_accuracy_top5)
+
+    def _evaluate(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        split: str,
+        accuracy: MulticlassAccuracy,
+        accuracy_top5: MulticlassAccuracy,
+    ) -> None:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+
+        accuracy(logits, labels)
+        accuracy_top5(logits, labels)
+        self.log(f"{split}/loss", loss, prog_bar=False, batch_size=len(labels), sync_dist=True)
+        self.log(f"{split}/acc", accuracy, prog_bar=True, batch_size=len(labels))
+        self.log(f"{split}/acc_top5", accuracy_top5, batch_size=len(labels))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self._parameter_groups())
+
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        steps_per_epoch = max(1, total_steps // max_epochs)
+        scheduler = build_scheduler(
+            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **self.scheduler_options
+        )
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        if self.decay_norm_and_bias:
+            return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+        # One-dimensional tensors are BatchNorm scales and shifts, and biases.
+        decayed = [p for p in self.parameters() if p.requires_grad and p.ndim > 1]
+        exempt = [p for p in self.parameters() if p.requires_grad and p.ndim <= 1]
+        return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]

@@ -1,0 +1,88 @@
+"""The summary printed at the end of a run and saved as ``summary.json`` in its output folder."""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+
+
+def collect_summary(trainer: L.Trainer, wall_time_s: float, output_dir: Path) -> dict[str, Any]:
+    """Gather final metrics, the callbacks' ``summary()`` entries, wall time and output locations."""
+    summary: dict[str, Any] = {}
+    for name, value in trainer.callback_metrics.items():
+        if name.startswith(("test/", "val/")):
+            summary[name] = float(value)
+
+    for callback in trainer.callbacks:
+        if hasattr(callback, "summary"):
+            summary.update(callback.summary())
+
+    summary["wall_time_s"] = wall_time_s
+    summary["output_dir"] = str(output_dir)
+    checkpoint = trainer.checkpoint_callback
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+        summary["checkpoint_dir"] = checkpoint.dirpath
+        summary["best_checkpoint"] = checkpoint.best_model_path or None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            summary["wandb_dir"] = logger.experiment.dir
+            summary["wandb_mode"] = "offline" if logger.experiment.settings._offline else "online"
+    return summary
+
+
+def save_summary(summary: dict[str, Any], output_dir: Path) -> Path:
+    """Write the summary as JSON; return its path."""
+    path = output_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Render the summary as the aligned table the terminal shows at the end of a run."""
+    rows: list[tuple[str, str]] = []
+
+    if "test/acc" in summary:
+        accuracy = f"{100 * summary['test/acc']:.2f} %"
+        if "test/acc_top5" in summary:
+            accuracy += f" (top-5 {100 * summary['test/acc_top5']:.2f} %)"
+        rows.append(("test accuracy (top-1)", accuracy))
+    if "params" in summary:
+        rows.append(("parameters", f"{summary['params']:,}"))
+    if "macs_per_sample" in summary:
+        rows.append(("MACs per sample", _si(summary["macs_per_sample"]) + " MACs"))
+        rows.append(("FLOPs per sample", _si(summary["flops_per_sample"]) + " FLOPs (2 per MAC; conv and linear)"))
+    if "estimated_inference_energy_uj" in summary:
+        rows.append(("estimated energy/inference", f"{summary['estimated_inference_energy_uj']:.4g} uJ"))
+        rows.append(("  constants", summary["estimated_energy_constants"]))
+        rows.append(("  operations", summary["estimated_energy_counts"]))
+    for key in ("measured_fit_energy", "measured_test_energy", "measured_energy"):
+        if key in summary:
+            rows.append((key.replace("_", " "), summary[key]))
+    if "train_samples_per_sec_median" in summary:
+        rate = summary["train_samples_per_sec_median"]
+        rows.append(("train throughput", f"{rate:,.0f} samples/s (median of epochs)"))
+    if "test_samples_per_sec" in summary:
+        rows.append(("test throughput", f"{summary['test_samples_per_sec']:,.0f} samples/s"))
+    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s"))
+    rows.append(("logs", summary["output_dir"]))
+    if "checkpoint_dir" in summary:
+        rows.append(("checkpoints", summary["checkpoint_dir"]))
+    if "wandb_dir" in summary:
+        rows.append((f"W&B ({summary['wandb_mode']})", summary["wandb_dir"]))
+
+    width = max(len(label) for label, _ in rows)
+    lines = ["", "leanlight run summary"] + [f"  {label:<{width}}  {value}" for label, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _si(value: float) -> str:
+    if value <= 0 or math.isnan(value):
+        return f"{value:.3g}"
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3f} {prefix}"
+    return f"{value:.0f}"

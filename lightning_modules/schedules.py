@@ -1,0 +1,60 @@
+"""Learning-rate schedules with linear warm-up, stepped once per optimizer step.
+
+Stepping per optimizer step (not per epoch) makes warm-up smooth at any batch size,
+and the scheduler's state (its step count) is saved in Lightning checkpoints, so a
+resumed run continues the schedule where it stopped.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
+    """Return the learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_factor``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_multistep_factor(step: int, warmup_steps: int, milestone_steps: Sequence[int], gamma: float) -> float:
+    """Return the learning-rate multiplier: linear warm-up to 1, then times ``gamma`` at each milestone passed."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    passed = sum(step >= milestone for milestone in milestone_steps)
+    return gamma**passed
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    min_lr_factor: float = 0.0,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+) -> LambdaLR | None:
+    """Build a per-step schedule: ``"cosine"``, ``"multistep"`` (milestones in epochs) or ``"constant"``.
+
+    Returns None for ``"none"``, which leaves the optimizer's learning rate untouched.
+    """
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+
+    if name == "none":
+        return None
+    if name == "constant":
+        return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    if name == "cosine":
+        return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_factor))
+    if name == "multistep":
+        milestone_steps = [round(epoch * steps_per_epoch) for epoch in milestones]
+        return LambdaLR(optimizer, lambda step: warmup_multistep_factor(step, warmup_steps, milestone_steps, gamma))
+    raise ValueError(
+        f"unknown learning-rate schedule {name!r}; set module.scheduler.name to one of "
+        "cosine, multistep, constant, none"
+    )

@@ -1,0 +1,71 @@
+"""Build the pieces of a run from a Hydra config: data, network, module, callbacks, loggers, trainer."""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_callbacks(callbacks_cfg: DictConfig | None, has_logger: bool) -> list[L.Callback]:
+    """Instantiate every entry of the ``callbacks`` group that has a ``_target_``.
+
+    Without a logger, the learning-rate monitor is left out: it has nowhere to write.
+    """
+    if not callbacks_cfg:
+        return []
+    callbacks = [instantiate(entry) for entry in callbacks_cfg.values() if entry and "_target_" in entry]
+    if not has_logger:
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    return callbacks
+
+
+def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+    """Instantiate every entry of the ``logger`` group; ``logger=none`` gives an empty list."""
+    if not logger_cfg:
+        return []
+    return [instantiate(entry) for entry in logger_cfg.values() if entry and "_target_" in entry]
+
+
+def resolve_precision(precision: str | int) -> str | int:
+    """Turn ``"auto"`` into bf16 mixed precision on GPUs that support it, else 32-bit."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_checkpoint_path(ckpt_path: str | None) -> str | None:
+    """Accept a checkpoint file or a run folder; a folder resumes its ``checkpoints/last.ckpt``."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path} is a folder without checkpoints/last.ckpt; "
+                "pass a run folder written by train.py or the path of a .ckpt file"
+            )
+        return str(last)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist; pass a .ckpt file or a run folder (logs/<task>/runs/<time>)"
+        )
+    return str(path)
+
+
+def log_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
+    """Send the fully resolved config to every logger, so runs can be compared by any key."""
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    resolved.pop("hydra", None)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)

@@ -1,0 +1,106 @@
+"""The training task behind ``train.py``: fit, test, summarise, and always close the loggers."""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_modules.run_summary import collect_summary, format_summary, save_summary
+from lightning_modules.setup_run import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_resolved_config,
+    resolve_checkpoint_path,
+    resolve_precision,
+)
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test the module that ``cfg`` describes; return the run summary.
+
+    The data module is built first because the network takes its input channels and
+    number of classes from it.
+    """
+    start = time.perf_counter()
+    _route_lightning_logs_through_root()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
+    module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=resolve_precision(cfg.trainer.get("precision", "auto")),
+    )
+
+    try:
+        log_resolved_config(cfg, loggers)
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_checkpoint_path(cfg.get("ckpt_path")))
+        if cfg.get("test", True):
+            trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
+
+        output_dir = Path(cfg.paths.output_dir)
+        summary = collect_summary(trainer, time.perf_counter() - start, output_dir)
+        if trainer.is_global_zero:
+            save_summary(summary, output_dir)
+            for logger in loggers:
+                logger.log_metrics({f"summary/{k}": v for k, v in summary.items() if _is_number(v)})
+            log.info(format_summary(summary))
+        return summary
+    finally:
+        _close_wandb()
+
+
+def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """Return the checkpoint to test: ``None`` for the weights in memory, or the best one."""
+    choice = cfg.get("test_weights", "last")
+    if choice == "last" or not cfg.get("train", True):
+        return None
+    if choice == "best":
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is None or not checkpoint.best_model_path:
+            log.warning("test_weights=best but no best checkpoint was saved; testing the final weights")
+            return None
+        return checkpoint.best_model_path
+    raise ValueError(
+        f"test_weights must be 'last' (final weights) or 'best' (best validation checkpoint), got {choice!r}"
+    )
+
+
+def _route_lightning_logs_through_root() -> None:
+    # Lightning gives its loggers their own console handler, so under Hydra (which
+    # configures the root logger) every Lightning message would be printed twice.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics"):
+        lightning_logger = logging.getLogger(name)
+        for handler in list(lightning_logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                lightning_logger.removeHandler(handler)
+        lightning_logger.propagate = True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _close_wandb() -> None:
+    # Each job of a multirun must get its own W&B run, and a crashed run must not
+    # leave the next one attached to it, so the run is finished whatever happened.
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()

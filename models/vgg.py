@@ -1,0 +1,59 @@
+"""VGG with BatchNorm for 32x32 inputs (Simonyan and Zisserman, 2015).
+
+The CIFAR variant used across the pruning literature: the convolutional layers of
+the ImageNet VGG, each followed by BatchNorm and ReLU, then global average pooling
+and one linear classifier instead of the three large fully connected layers.
+VGG-16 has 14.7M parameters here. Max-pooling uses ``ceil_mode`` so inputs
+smaller than 32x32 (such as 8x8 digits) stay at least one pixel wide.
+"""
+
+import torch
+import torch.nn as nn
+
+from models.registry import register_model
+
+# Output channels of each 3x3 convolution; "M" is a 2x2 max-pooling.
+_LAYOUTS: dict[str, list[int | str]] = {
+    "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class CifarVGG(nn.Module):
+    """VGG feature extractor with BatchNorm, global average pooling and a linear classifier."""
+
+    def __init__(self, layout: list[int | str], in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in layout:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+                continue
+            layers += [
+                nn.Conv2d(channels, int(item), 3, padding=1, bias=False),
+                nn.BatchNorm2d(int(item)),
+                nn.ReLU(inplace=True),
+            ]
+            channels = int(item)
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _register(name: str) -> None:
+    @register_model(name)
+    def factory(in_channels: int = 3, num_classes: int = 10) -> CifarVGG:
+        return CifarVGG(_LAYOUTS[name], in_channels=in_channels, num_classes=num_classes)
+
+
+for _name in _LAYOUTS:
+    _register(_name)

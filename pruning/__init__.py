@@ -1,0 +1,1 @@
+"""Placeholder package: this technique has not been implemented yet."""

@@ -1,0 +1,76 @@
+"""FLOPs, MACs and energy accounting against hand-computed figures."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_modules.callbacks.energy import EnergyMeter, OperationCounts, estimate_inference_energy
+from lightning_modules.callbacks.flops import count_forward_cost
+from models import create_model
+
+
+def _small_network() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, kernel_size=3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+
+
+def test_small_network_macs_by_hand() -> None:
+    cost = count_forward_cost(_small_network(), torch.zeros(1, 1, 8, 8))
+    conv_macs = 4 * 1 * 3 * 3 * 8 * 8  # out channels x in channels x kernel x output pixels
+    linear_macs = 256 * 10
+    assert cost.macs == conv_macs + linear_macs
+
+
+def test_flops_are_twice_macs() -> None:
+    cost = count_forward_cost(_small_network(), torch.zeros(1, 1, 8, 8))
+    assert cost.flops == 2 * cost.macs
+
+
+def test_small_network_parameters_by_hand() -> None:
+    cost = count_forward_cost(_small_network(), torch.zeros(1, 1, 8, 8))
+    conv = 4 * 9 + 4
+    batchnorm = 2 * 4
+    linear = 256 * 10 + 10
+    assert cost.parameters == conv + batchnorm + linear
+
+
+def test_counts_are_per_sample() -> None:
+    network = _small_network()
+    single = count_forward_cost(network, torch.zeros(1, 1, 8, 8))
+    batch = count_forward_cost(network, torch.zeros(5, 1, 8, 8))
+    assert batch.macs == single.macs
+
+
+def test_counting_restores_training_mode() -> None:
+    network = _small_network().train()
+    count_forward_cost(network, torch.zeros(1, 1, 8, 8))
+    assert network.training
+
+
+def test_resnet20_macs_match_literature() -> None:
+    # 40.55M MACs is the figure quoted across the CIFAR pruning literature (about 41M).
+    cost = count_forward_cost(create_model("resnet20", 3, 10), torch.zeros(1, 3, 32, 32))
+    assert math.isclose(cost.macs, 40.55e6, rel_tol=0.005)
+
+
+def test_estimated_energy_by_hand() -> None:
+    counts = OperationCounts(macs=1e6, accumulates=2e6)
+    joules = estimate_inference_energy(counts, energy_per_mac_pj=4.6, energy_per_accumulate_pj=0.9)
+    assert math.isclose(joules, (1e6 * 4.6 + 2e6 * 0.9) * 1e-12)
+
+
+def test_measured_energy_unavailable_is_not_zero() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible, so measured energy may be available")
+    meter = EnergyMeter(gpu_index=None, read_cpu=False)
+    meter.begin("fit")
+    measured = meter.end("fit")
+    assert measured.joules is None
+    assert measured.detail.startswith("unavailable: no NVIDIA GPU in use")
