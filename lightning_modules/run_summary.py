@@ -7,11 +7,14 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 
 
-def collect_summary(trainer: L.Trainer, wall_time_s: float, output_dir: Path) -> dict[str, Any]:
-    """Gather final metrics, the callbacks' ``summary()`` entries, wall time and output locations."""
+def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: float, output_dir: Path) -> dict[str, Any]:
+    """Gather final metrics, the callbacks' ``summary()`` entries, wall time and output locations.
+
+    ``loggers`` are the run's own loggers: under ``fast_dev_run`` the trainer holds a stand-in.
+    """
     summary: dict[str, Any] = {}
     for name, value in trainer.callback_metrics.items():
         if name.startswith(("test/", "val/")):
@@ -27,7 +30,7 @@ def collect_summary(trainer: L.Trainer, wall_time_s: float, output_dir: Path) ->
     if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
         summary["checkpoint_dir"] = checkpoint.dirpath
         summary["best_checkpoint"] = checkpoint.best_model_path or None
-    for logger in trainer.loggers:
+    for logger in loggers:
         if isinstance(logger, WandbLogger):
             summary["wandb_dir"] = logger.experiment.dir
             summary["wandb_mode"] = "offline" if logger.experiment.settings._offline else "online"

@@ -6,12 +6,28 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+
+def instantiate_user_object(node: DictConfig, **kwargs: Any) -> Any:
+    """Instantiate ``node``; a user-fixable error (a bad value, a missing file) is raised as itself.
+
+    Hydra wraps every error of a target in ``InstantiationException``. The errors of
+    leanlight's own targets already name the bad value and the fix, so the wrapper
+    would only hide their type from callers and tests.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
+            raise error.__cause__ from None
+        raise
 
 
 def instantiate_callbacks(callbacks_cfg: DictConfig | None, has_logger: bool) -> list[L.Callback]:
@@ -65,7 +81,9 @@ def resolve_checkpoint_path(ckpt_path: str | None) -> str | None:
 
 def log_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
     """Send the fully resolved config to every logger, so runs can be compared by any key."""
-    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    resolved.pop("hydra", None)
+    # Hydra's own section has values that exist only in multiruns; it is not the run's config.
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+    unresolved.pop("hydra", None)
+    resolved: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(unresolved), resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)

@@ -13,6 +13,7 @@ from lightning_modules.run_summary import collect_summary, format_summary, save_
 from lightning_modules.setup_run import (
     instantiate_callbacks,
     instantiate_loggers,
+    instantiate_user_object,
     log_resolved_config,
     resolve_checkpoint_path,
     resolve_precision,
@@ -32,9 +33,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
-    module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes)
+    datamodule = instantiate_user_object(cfg.data)
+    net = instantiate_user_object(cfg.model, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
+    module = instantiate_user_object(cfg.module, net=net, num_classes=datamodule.num_classes)
 
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
@@ -53,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
 
         output_dir = Path(cfg.paths.output_dir)
-        summary = collect_summary(trainer, time.perf_counter() - start, output_dir)
+        summary = collect_summary(trainer, loggers, time.perf_counter() - start, output_dir)
         if trainer.is_global_zero:
             save_summary(summary, output_dir)
             for logger in loggers:

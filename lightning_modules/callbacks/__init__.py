@@ -2,12 +2,14 @@
 
 from lightning_modules.callbacks.energy import EnergyCallback, OperationCounts, estimate_inference_energy
 from lightning_modules.callbacks.flops import FlopsCallback, count_forward_cost
+from lightning_modules.callbacks.rng_state import RNGStateCallback
 from lightning_modules.callbacks.throughput import ThroughputCallback
 
 __all__ = [
     "EnergyCallback",
     "FlopsCallback",
     "OperationCounts",
+    "RNGStateCallback",
     "ThroughputCallback",
     "count_forward_cost",
     "estimate_inference_energy",

@@ -1,0 +1,46 @@
+"""Shared fixtures: composed Hydra configs that write into a temporary folder."""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["LEANLIGHT_ROOT"] = str(ROOT)
+# Never touch the network from tests, whatever the user's shell says.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+ComposeConfig = Callable[..., DictConfig]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Decoded-data cache shared by the whole test session (LEANLIGHT_CACHE, if set, is reused)."""
+    return Path(os.environ.get("LEANLIGHT_CACHE") or tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def compose_config(tmp_path: Path, cache_dir: Path) -> ComposeConfig:
+    """Return a function that composes ``configs/train.yaml`` with overrides, writing into ``tmp_path``."""
+
+    def compose_with(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="train", return_hydra_config=True, overrides=list(overrides))
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.cache_dir = str(cache_dir)
+        return cfg
+
+    yield compose_with
+    GlobalHydra.instance().clear()

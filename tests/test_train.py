@@ -1,0 +1,119 @@
+"""End-to-end runs of the training task on CPU: every experiment, every logger, resume, bad input."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import open_dict
+
+from lightning_modules.training import train
+from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
+
+EXPERIMENTS = sorted(path.stem for path in (ROOT / "configs" / "experiment").glob("*.yaml"))
+FAST = ("trainer.fast_dev_run=true", "trainer.accelerator=cpu", "logger=none")
+
+
+def test_default_config_runs(compose_config: ComposeConfig) -> None:
+    summary = train(compose_config(*FAST))
+    assert 0.0 <= summary["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_one_batch(compose_config: ComposeConfig, experiment: str) -> None:
+    cfg = compose_config(f"experiment={experiment}", *FAST)
+    if cfg.data.get("search_paths") and not SHARED_CIFAR10.exists():
+        pytest.skip(f"CIFAR-10 archive not found at {SHARED_CIFAR10}")
+    with open_dict(cfg):
+        cfg.data.num_workers = 0
+    summary = train(cfg)
+    assert "test/acc" in summary
+
+
+@pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "none", "many"])
+def test_logger_choice_runs(compose_config: ComposeConfig, logger: str) -> None:
+    cfg = compose_config("trainer.fast_dev_run=true", "trainer.accelerator=cpu", f"logger={logger}")
+    summary = train(cfg)
+    assert "test/acc" in summary
+
+
+def test_wandb_writes_offline_run(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    cfg = compose_config("trainer.fast_dev_run=true", "trainer.accelerator=cpu", "logger=wandb")
+    summary = train(cfg)
+    assert summary["wandb_mode"] == "offline"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_summary_reports_cost(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    summary = train(compose_config(*FAST))
+    assert summary["macs_per_sample"] > 0
+    assert summary["flops_per_sample"] == 2 * summary["macs_per_sample"]
+    assert summary["params"] > 0
+    assert summary["estimated_inference_energy_uj"] > 0
+    assert summary["measured_test_energy"]
+    assert (tmp_path / "summary.json").is_file()
+
+
+class StopAfterEpoch(L.Callback):
+    """Stop training at the end of ``epoch``, as if the job had been killed there."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_resume_matches_uninterrupted_run(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    # Augmentation is on, so the test also checks that shuffling and crops continue as
+    # they would have: the random generators' state travels in the checkpoint.
+    common = (
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "trainer.deterministic=true",
+        "trainer.max_epochs=3",
+        "data.train_subset=256",
+        "data.crop_padding=1",
+    )
+    uninterrupted = train(compose_config(*common))
+
+    interrupted = compose_config(*common, "test=false")
+    with open_dict(interrupted):
+        interrupted.paths.output_dir = str(tmp_path / "interrupted")
+        interrupted.callbacks.stop = {"_target_": f"{__name__}.StopAfterEpoch", "epoch": 0}
+    train(interrupted)
+    resumed_cfg = compose_config(*common, f"ckpt_path={tmp_path / 'interrupted'}")
+    with open_dict(resumed_cfg):
+        resumed_cfg.paths.output_dir = str(tmp_path / "resumed")
+    resumed = train(resumed_cfg)
+
+    assert resumed["test/acc"] == pytest.approx(uninterrupted["test/acc"], abs=1e-6)
+    assert resumed["test/loss"] == pytest.approx(uninterrupted["test/loss"], rel=1e-5)
+
+
+def test_missing_checkpoint_names_path(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    cfg = compose_config(*FAST, f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        train(cfg)
+
+
+def test_unknown_config_key_is_rejected(compose_config: ComposeConfig) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
+        compose_config("trainer.max_epoch=3")
+
+
+def test_negative_batch_size_is_rejected(compose_config: ComposeConfig) -> None:
+    from lightning_modules.data import DataError
+
+    with pytest.raises(DataError, match="-8"):
+        train(compose_config(*FAST, "data.batch_size=-8"))
+
+
+def test_missing_cifar10_names_paths(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    from lightning_modules.data import DataError
+
+    cfg = compose_config(*FAST, "data=cifar10", f"data.search_paths=[{tmp_path / 'nowhere'}]")
+    with pytest.raises(DataError, match="nowhere"):
+        train(cfg)
