@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: float, output_dir: Path) -> dict[str, Any]:
     """Gather final metrics, the callbacks' ``summary()`` entries, wall time and output locations.
 
-    ``loggers`` are the run's own loggers: under ``fast_dev_run`` the trainer holds a stand-in.
+    ``loggers`` are the run's own loggers: under ``fast_dev_run`` the trainer replaces them with a stand-in.
     """
     summary: dict[str, Any] = {}
     for name, value in trainer.callback_metrics.items():
@@ -33,7 +33,7 @@ def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: floa
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             summary["wandb_dir"] = logger.experiment.dir
-            summary["wandb_mode"] = "offline" if logger.experiment.settings._offline else "online"
+            summary["wandb_mode"] = logger.experiment.settings.mode
     return summary
 
 

@@ -1,5 +1,8 @@
 """End-to-end runs of the training task on CPU: every experiment, every logger, resume, bad input."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -117,3 +120,24 @@ def test_missing_cifar10_names_paths(compose_config: ComposeConfig, tmp_path: Pa
     cfg = compose_config(*FAST, "data=cifar10", f"data.search_paths=[{tmp_path / 'nowhere'}]")
     with pytest.raises(DataError, match="nowhere"):
         train(cfg)
+
+
+def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--multirun",
+        "seed=1,2",
+        "trainer.fast_dev_run=true",
+        "trainer.accelerator=cpu",
+        "logger=wandb",
+        f"paths.log_dir={tmp_path}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run_folders = sorted(tmp_path.glob("train/multiruns/*/*/wandb/offline-run-*"))
+    job_folders = {folder.parents[1].name for folder in run_folders}
+    assert len(run_folders) == 2
+    assert job_folders == {"0", "1"}
