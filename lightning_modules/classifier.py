@@ -81,8 +81,11 @@ class ClassifierModule(LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
+        # The per-step loss is this rank's; the epoch loss is averaged over ranks once
+        # per epoch, so DDP adds no synchronisation to each step.
         self.train_accuracy(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 

@@ -1,5 +1,6 @@
 """End-to-end runs of the training task on CPU: every experiment, every logger, resume, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -141,3 +142,26 @@ def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path) -> None:
     job_folders = {folder.parents[1].name for folder in run_folders}
     assert len(run_folders) == 2
     assert job_folders == {"0", "1"}
+
+
+def test_ddp_two_cpu_processes_share_one_run_folder(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "logger=csv",
+        f"paths.log_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run_folders = list(tmp_path.glob("train/runs/*"))
+    assert len(run_folders) == 1
+    summary = json.loads((run_folders[0] / "summary.json").read_text())
+    assert summary["train_samples_per_sec_median"] > 0
+    assert "sync_dist=True" not in result.stderr

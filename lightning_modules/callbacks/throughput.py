@@ -18,12 +18,15 @@ def _batch_size(batch: Any) -> int:
     )
 
 
+def _sum_over_ranks(trainer: L.Trainer, value: float) -> float:
+    return float(trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64), reduce_op="sum"))
+
+
 class ThroughputCallback(L.Callback):
-    """Log training and test throughput in samples per second on this process.
+    """Log training and test throughput in samples per second, summed over DDP ranks.
 
     Training time runs from the start of each epoch to the end of its last batch,
-    so data loading is included and the validation that follows is not. Under DDP the logged figure is
-    one rank's; the global throughput is that times the world size.
+    so data loading is included and the validation that follows is not.
     """
 
     def __init__(self) -> None:
@@ -44,11 +47,14 @@ class ThroughputCallback(L.Callback):
         self._elapsed = time.perf_counter() - self._start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._samples == 0 or self._elapsed <= 0:
+        # Every rank joins the reduction, even one that timed nothing, so it cannot hang.
+        local_rate = self._samples / self._elapsed if self._samples and self._elapsed > 0 else 0.0
+        rate = _sum_over_ranks(trainer, local_rate)
+        if rate <= 0:
             return
-        rate = self._samples / self._elapsed
         self.train_rates.append(rate)
-        pl_module.log("throughput/train_samples_per_sec", rate, on_epoch=True, rank_zero_only=True)
+        # Every rank logs the same global figure; sync_dist only keeps Lightning from warning.
+        pl_module.log("throughput/train_samples_per_sec", rate, on_epoch=True, sync_dist=True)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._samples = 0
@@ -67,9 +73,11 @@ class ThroughputCallback(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = time.perf_counter() - self._start
-        if self._samples and elapsed > 0:
-            self.test_rate = self._samples / elapsed
-            pl_module.log("throughput/test_samples_per_sec", self.test_rate, rank_zero_only=True)
+        local_rate = self._samples / elapsed if self._samples and elapsed > 0 else 0.0
+        rate = _sum_over_ranks(trainer, local_rate)
+        if rate > 0:
+            self.test_rate = rate
+            pl_module.log("throughput/test_samples_per_sec", rate, sync_dist=True)
 
     def summary(self) -> dict[str, Any]:
         """Return the median training throughput over epochs and the test throughput."""

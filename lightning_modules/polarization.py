@@ -1,0 +1,435 @@
+"""Polarization-regularized one-pass channel pruning around any backbone.
+
+Weights and channel gates train together in one run (Zhuang et al., "Neuron-level
+Structured Pruning using Polarization Regularizer", NeurIPS 2020; Zhi et al., arXiv
+2302.10798). The loss is
+
+    cross-entropy + polarization_weight * R(s) + budget_weight * P(kept FLOPs fraction)
+
+where R is the polarization regularizer over every gate score and P pulls the FLOPs
+kept by the open gates towards ``1 - flops_reduction``. Once the gates have settled
+they are frozen, the closed channels are removed physically, and training continues
+on the smaller network to the end of the same run. At the end the extracted network
+is tested, and saved with a table of kept channels and plots under
+``<run folder>/pruning/``.
+"""
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from lightning_modules.callbacks.flops import example_input_of
+from lightning_modules.classifier import ClassifierModule, OptimizerFactory
+from pruning import (
+    ChannelGates,
+    build_channel_graph,
+    channel_table,
+    dense_macs,
+    extract_subnetwork,
+    format_channel_table,
+    macs_from_counts,
+    polarization_regularizer,
+    remap_optimizer_state,
+    save_pruned,
+)
+from pruning.checkpoint import model_spec_of
+from pruning.report import plot_gate_histograms, plot_kept_channels, save_channel_table
+
+log = logging.getLogger(__name__)
+
+BUDGET_PENALTIES = ("squared", "hinge")
+
+
+class PolarizationModule(ClassifierModule):
+    """Train ``net`` with channel gates and a FLOPs budget; return it physically pruned at the end of fit.
+
+    Args (besides those of :class:`ClassifierModule`):
+        flops_reduction: fraction of the network's MACs (conv and linear) to remove, in [0, 1).
+        polarization_weight: weight of the polarization regularizer R(s) (a sum over all gates).
+        polarization_t: ``t`` of R(s); larger values close more gates.
+        budget_weight: weight of the budget penalty on the kept FLOPs fraction.
+        budget_penalty: ``"squared"`` pulls the kept fraction to the target from both sides,
+            ``"hinge"`` only penalises keeping more than the target.
+        gate_lr: learning rate of the gate scores (their own param group, without weight decay);
+            the learning-rate schedule scales it like the weights' rate.
+        gate_init: initial gate score, in (0.5, 1] so that training starts dense.
+        freeze_stable_epochs: freeze once no gate has flipped for this many epochs and the
+            FLOPs reduction is within ``freeze_tolerance`` of the target ...
+        freeze_tolerance: ... (absolute, as a fraction of dense MACs) ...
+        freeze_min_fraction: ... but not before this fraction of ``max_epochs``.
+        freeze_max_fraction: freeze at this fraction of ``max_epochs`` at the latest;
+            1.0 freezes only at the end of training.
+        save_model: save the extracted network as ``<run folder>/pruning/pruned_model.pt``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: dict[str, Any],
+        num_classes: int,
+        flops_reduction: float = 0.5,
+        polarization_weight: float = 1e-4,
+        polarization_t: float = 1.2,
+        budget_weight: float = 2.0,
+        budget_penalty: str = "squared",
+        gate_lr: float = 0.01,
+        gate_init: float = 1.0,
+        freeze_stable_epochs: int = 2,
+        freeze_tolerance: float = 0.03,
+        freeze_min_fraction: float = 0.2,
+        freeze_max_fraction: float = 0.5,
+        save_model: bool = True,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        decay_norm_and_bias: bool = True,
+    ) -> None:
+        super().__init__(
+            net,
+            optimizer,
+            scheduler,
+            num_classes,
+            label_smoothing=label_smoothing,
+            channels_last=channels_last,
+            decay_norm_and_bias=decay_norm_and_bias,
+        )
+        if not 0.0 <= flops_reduction < 1.0:
+            raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+        if budget_penalty not in BUDGET_PENALTIES:
+            raise ValueError(f"budget_penalty must be one of {', '.join(BUDGET_PENALTIES)}, got {budget_penalty!r}")
+        if not 0.5 < gate_init <= 1.0:
+            raise ValueError(f"gate_init must be in (0.5, 1] so that every channel starts open, got {gate_init}")
+        if not 0.0 <= freeze_min_fraction <= freeze_max_fraction <= 1.0:
+            raise ValueError(
+                "freeze fractions must satisfy 0 <= freeze_min_fraction <= freeze_max_fraction <= 1, got "
+                f"{freeze_min_fraction} and {freeze_max_fraction}"
+            )
+        self.flops_reduction = flops_reduction
+        self.polarization_weight = polarization_weight
+        self.polarization_t = polarization_t
+        self.budget_weight = budget_weight
+        self.budget_penalty = budget_penalty
+        self.gate_lr = gate_lr
+        self.gate_init = gate_init
+        self.freeze_stable_epochs = freeze_stable_epochs
+        self.freeze_tolerance = freeze_tolerance
+        self.freeze_min_fraction = freeze_min_fraction
+        self.freeze_max_fraction = freeze_max_fraction
+        self.save_model = save_model
+
+        self.graph = None
+        self.gates: ChannelGates | None = None
+        self.dense_macs = 0.0
+        self.dense_params = 0
+        # Gate state that checkpoints carry (see on_save_checkpoint).
+        self.frozen = False
+        self.extracted = False
+        self.freeze_epoch: int | None = None
+        self.keep_masks: dict[int, torch.Tensor] | None = None
+        self.stable_epochs = 0
+        self.last_masks: dict[int, torch.Tensor] | None = None
+        self.score_history: list[tuple[int, torch.Tensor]] = []
+
+    # -- gates -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.graph is None:
+            self.build_gates(example_input_of(self))
+
+    def build_gates(self, example_input: torch.Tensor) -> None:
+        """Trace the network on ``example_input``, create one gate per prunable channel and attach them."""
+        self.graph = build_channel_graph(self.net, example_input[:1])
+        self.dense_macs = dense_macs(self.graph)
+        self.dense_params = sum(parameter.numel() for parameter in self.net.parameters())
+        self.gates = ChannelGates(self.graph, init=self.gate_init).to(example_input.device)
+        self.gates.attach(self.net)
+        log.info(
+            "gated %d of %d channel groups (%d gates); dense network: %.4g MACs per sample",
+            len(self.graph.prunable_groups),
+            len(self.graph.groups),
+            sum(group.channels for group in self.graph.prunable_groups),
+            self.dense_macs,
+        )
+
+    def kept_flops_fraction(self) -> float:
+        """Return the fraction of dense MACs that the open gates (or the extracted network) keep."""
+        masks = self.keep_masks if self.gates is None else self.gates.keep_masks()
+        kept = {index: float(mask.sum()) for index, mask in (masks or {}).items()}
+        return float(macs_from_counts(self.graph, kept)) / self.dense_macs
+
+    def cost_model(self) -> tuple[nn.Module, torch.Tensor]:
+        """Return the network the cost callbacks count: while gated, an extracted copy with the current gates."""
+        example = example_input_of(self)
+        if self.gates is None:
+            return self, example
+        with self.gates.detached(self.net):
+            network = copy.deepcopy(self.net)
+        extract_subnetwork(network, self.graph, self.gates.keep_masks())
+        return network, example
+
+    # -- training ----------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        task_loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = task_loss
+
+        if self.gates is not None and not self.frozen:
+            polarization = polarization_regularizer(self.gates.all_scores(), self.polarization_t)
+            kept_macs = macs_from_counts(self.graph, self.gates.kept_counts(straight_through=True))
+            kept_fraction = kept_macs / self.dense_macs
+            excess = kept_fraction - (1.0 - self.flops_reduction)
+            if self.budget_penalty == "hinge":
+                excess = excess.clamp(min=0.0)
+            budget = excess.square()
+            loss = task_loss + self.polarization_weight * polarization + self.budget_weight * budget
+            batch_size = len(labels)
+            self.log("pruning/polarization", polarization, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log("pruning/budget_penalty", budget, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log("pruning/kept_flops_fraction", kept_fraction.detach(), on_step=True, batch_size=batch_size)
+
+        self.train_accuracy(logits, labels)
+        self.log("train/loss", task_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/total_loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
+        if self.gates is not None:
+            self.gates.clamp_()
+
+    def on_train_epoch_start(self) -> None:
+        # Freezing at the start of an epoch (not the end of the previous one) makes a run
+        # resumed from an end-of-epoch checkpoint take the same decision.
+        if self.gates is not None and not self.frozen and self._settled():
+            self.freeze()
+
+    def on_train_epoch_end(self) -> None:
+        if self.gates is None or self.frozen:
+            return
+        masks = self.gates.keep_masks()
+        flips = 0
+        if self.last_masks is not None:
+            flips = sum(int((masks[index] != self.last_masks[index]).sum()) for index in masks)
+        self.stable_epochs = self.stable_epochs + 1 if self.last_masks is not None and flips == 0 else 0
+        self.last_masks = masks
+        self.score_history.append((self.current_epoch, self.gates.all_scores().detach().cpu().clone()))
+        self.log("pruning/flips", float(flips))
+        self.log("pruning/flops_reduction", 1.0 - self.kept_flops_fraction())
+
+    def _settled(self) -> bool:
+        max_epochs = self.trainer.max_epochs or 1
+        progress = self.current_epoch / max_epochs
+        if progress >= self.freeze_max_fraction:
+            return True
+        if progress < self.freeze_min_fraction or self.stable_epochs < self.freeze_stable_epochs:
+            return False
+        return abs((1.0 - self.kept_flops_fraction()) - self.flops_reduction) <= self.freeze_tolerance
+
+    def freeze(self) -> None:
+        """Fix the gates and remove the closed channels; training then continues on the smaller network.
+
+        Under DDP the network cannot change shape inside the wrapper, so the gates only
+        stop learning (learning rate zero) and extraction waits until the end of fit.
+        """
+        trainer = self._trainer
+        self.frozen = True
+        self.freeze_epoch = self.current_epoch if trainer is not None else None
+        if trainer is not None and trainer.world_size > 1:
+            self._stop_gate_learning(trainer)
+        else:
+            self.extract(trainer.optimizers if trainer is not None else [])
+        reduction = 1.0 - self.kept_flops_fraction()
+        rank_zero_info(
+            f"[pruning] gates frozen at epoch {self.freeze_epoch}: FLOPs reduction {100 * reduction:.1f}% "
+            f"(target {100 * self.flops_reduction:.1f}%)"
+        )
+
+    def extract(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Remove closed channels from the network in place and slice the optimizers' state to match."""
+        if self.gates is None:
+            return
+        masks = self.gates.keep_masks()
+        gate_parameters = set(self.gates.parameters())
+        self.gates.detach_from(self.net)
+        extraction = extract_subnetwork(self.net, self.graph, masks)
+        for optimizer in optimizers:
+            remap_optimizer_state(optimizer, extraction, removed=gate_parameters)
+        self.gates = None
+        self.keep_masks = masks
+        self.frozen = True
+        self.extracted = True
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def _stop_gate_learning(self, trainer: L.Trainer) -> None:
+        gate_parameters = set(self.gates.parameters())
+        for optimizer in trainer.optimizers:
+            for index, group in enumerate(optimizer.param_groups):
+                if any(parameter in gate_parameters for parameter in group["params"]):
+                    group["lr"] = 0.0
+                    for config in trainer.lr_scheduler_configs:
+                        if hasattr(config.scheduler, "base_lrs"):
+                            config.scheduler.base_lrs[index] = 0.0
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        parameters = [parameter for parameter in self.net.parameters() if parameter.requires_grad]
+        if self.decay_norm_and_bias:
+            groups = [{"params": parameters}]
+        else:
+            groups = [
+                {"params": [p for p in parameters if p.ndim > 1]},
+                {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+            ]
+        # The gate group exists even when empty (after extraction), so a checkpoint's
+        # optimizer state fits the module whether it was saved before or after extraction.
+        gate_parameters = list(self.gates.parameters()) if self.gates is not None else []
+        groups.append({"params": gate_parameters, "lr": self.gate_lr, "weight_decay": 0.0})
+        return groups
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["polarization"] = {
+            "input_shape": list(self.graph.input_shape) if self.graph is not None else None,
+            "frozen": self.frozen,
+            "extracted": self.extracted,
+            "freeze_epoch": self.freeze_epoch,
+            "keep_masks": {str(index): mask for index, mask in (self.keep_masks or {}).items()},
+            "stable_epochs": self.stable_epochs,
+            "last_masks": {str(index): mask for index, mask in (self.last_masks or {}).items()},
+            "score_history": [[epoch, scores] for epoch, scores in self.score_history],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("polarization")
+        if state is None:
+            return
+        if self.graph is None:
+            if state["input_shape"] is None:
+                raise ValueError("checkpoint has no pruning input shape, so its gates cannot be rebuilt")
+            self.build_gates(torch.zeros(state["input_shape"], device=self.device))
+        if state["extracted"] and not self.extracted:
+            # Rebuild the extracted architecture, so the checkpoint's smaller tensors fit.
+            masks = {int(index): mask.bool() for index, mask in state["keep_masks"].items()}
+            with torch.no_grad():
+                for index, mask in masks.items():
+                    self.gates.scores[str(index)].copy_(mask.float())
+            self.extract([])
+        elif self.extracted and not state["extracted"]:
+            raise ValueError(
+                "cannot load a checkpoint of the gated network into a module whose network is already extracted"
+            )
+        self.frozen = state["frozen"]
+        self.freeze_epoch = state["freeze_epoch"]
+        self.stable_epochs = state["stable_epochs"]
+        self.last_masks = {int(index): mask for index, mask in state["last_masks"].items()} or None
+        self.score_history = [(int(epoch), scores) for epoch, scores in state["score_history"]]
+
+    # -- outputs -----------------------------------------------------------------------
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [PruningReportCallback()]
+
+    def pruning_report(self) -> dict[str, Any]:
+        """Return target and achieved reductions of the extracted network (MACs per sample and parameters)."""
+        pruned_macs = self.kept_flops_fraction() * self.dense_macs
+        pruned_params = sum(parameter.numel() for parameter in self.net.parameters())
+        return {
+            "pruning_flops_reduction_target": self.flops_reduction,
+            "pruning_flops_reduction": 1.0 - pruned_macs / self.dense_macs,
+            "pruning_params_reduction": 1.0 - pruned_params / self.dense_params,
+            "pruning_dense_macs_per_sample": self.dense_macs,
+            "pruning_macs_per_sample": pruned_macs,
+            "pruning_dense_params": self.dense_params,
+            "pruning_params": pruned_params,
+            "pruning_freeze_epoch": self.freeze_epoch,
+        }
+
+
+class PruningReportCallback(L.Callback):
+    """Extract the network at the end of training, save it with a channel table and plots, and summarise.
+
+    Files go to ``<trainer.default_root_dir>/pruning/``: ``pruned_model.pt`` (load it with
+    :func:`pruning.load_pruned`), ``channels.txt`` and ``channels.csv``,
+    ``gate_histograms.png`` and ``kept_channels.png``. Plots are also logged to W&B
+    when a ``WandbLogger`` is present.
+    """
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
+        if pl_module.gates is None:
+            return
+        scores = pl_module.gates.all_scores().detach().cpu().numpy()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.log_metrics({"pruning/gate_scores": wandb.Histogram(scores)}, step=trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
+        if not pl_module.extracted:
+            if not pl_module.frozen:
+                pl_module.freeze_epoch = pl_module.current_epoch
+            pl_module.extract(trainer.optimizers)
+        self.report = pl_module.pruning_report()
+        self._write_outputs(trainer, pl_module)
+
+    @rank_zero_only
+    def _write_outputs(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
+        folder = Path(trainer.default_root_dir) / "pruning"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = channel_table(pl_module.graph, pl_module.keep_masks or {})
+        table = format_channel_table(rows)
+        (folder / "channels.txt").write_text(table + "\n")
+        save_channel_table(rows, folder / "channels.csv")
+        self.report["pruning_channels_table"] = str(folder / "channels.txt")
+
+        images = {"pruning/kept_channels": plot_kept_channels(rows, folder / "kept_channels.png")}
+        history = [(epoch, scores.numpy()) for epoch, scores in pl_module.score_history]
+        if history:
+            images["pruning/gate_histograms"] = plot_gate_histograms(history, folder / "gate_histograms.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for key, path in images.items():
+                    logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+
+        if pl_module.save_model:
+            try:
+                spec = model_spec_of(pl_module.net)
+            except ValueError as error:
+                log.warning("pruned model not saved: %s", error)
+            else:
+                report = {key: value for key, value in self.report.items() if value is not None}
+                path = save_pruned(folder / "pruned_model.pt", pl_module.net, spec=spec, report=report)
+                self.report["pruning_model_path"] = str(path)
+
+        log.info("kept channels per layer (%s):\n%s", folder / "channels.txt", table)
+        log.info(
+            "pruning: FLOPs reduction %.1f%% (target %.1f%%), parameter reduction %.1f%%, gates frozen at epoch %s",
+            100 * self.report["pruning_flops_reduction"],
+            100 * self.report["pruning_flops_reduction_target"],
+            100 * self.report["pruning_params_reduction"],
+            self.report["pruning_freeze_epoch"],
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Return target and achieved FLOPs and parameter reductions, and where the outputs are, for the run summary."""
+        return {key: value for key, value in self.report.items() if value is not None and not _is_nan(value)}
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
