@@ -71,9 +71,10 @@ def build(cfg: DictConfig, datamodule) -> torch.nn.Module:
     return instantiate(cfg.model, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
 
 
-def run_plain(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
+def run_plain(cfg: DictConfig, datamodule, steps: int, warmup: int, channels_last: bool = True) -> float:
     """Train with a hand-written loop; return samples per second over the timed steps."""
-    net = build(cfg, datamodule).to(memory_format=torch.channels_last).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = build(cfg, datamodule).to(memory_format=memory_format).train()
     optimizer = instantiate(cfg.module.optimizer)(net.parameters())
     steps_per_epoch = len(datamodule.train_dataloader())
     scheduler = build_scheduler(optimizer, total_steps=steps, steps_per_epoch=steps_per_epoch, **cfg.module.scheduler)
@@ -85,7 +86,7 @@ def run_plain(cfg: DictConfig, datamodule, steps: int, warmup: int) -> float:
         for images, labels in datamodule.train_dataloader():
             if step == warmup:
                 start = time.perf_counter()
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=memory_format)
             loss = F.cross_entropy(net(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,6 +131,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps per side and round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each side")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each runs both sides")
+    parser.add_argument(
+        "--memory-format",
+        action="store_true",
+        help="also time the plain loop without channels-last, to show what the memory format buys",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data.batch_size=256")
     args = parser.parse_args()
 
@@ -138,8 +144,11 @@ def main() -> None:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
 
-    plain_rates, leanlight_rates = [], []
+    plain_rates, leanlight_rates, contiguous_rates = [], [], []
     for round_index in range(args.rounds):
+        if args.memory_format:
+            contiguous_rates.append(run_plain(cfg, datamodule, args.steps, args.warmup, channels_last=False))
+            print(f"round {round_index + 1}: plain, contiguous format {contiguous_rates[-1]:.1f} samples/s")
         plain_rates.append(run_plain(cfg, datamodule, args.steps, args.warmup))
         leanlight_rates.append(run_leanlight(cfg, datamodule, args.steps, args.warmup))
         print(
@@ -157,6 +166,10 @@ def main() -> None:
     print(f"plain PyTorch loop   {plain:8.1f} samples/s (median)")
     print(f"leanlight Trainer    {leanlight:8.1f} samples/s (median)")
     print(f"ratio leanlight/plain {leanlight / plain:.3f}")
+    if contiguous_rates:
+        contiguous = statistics.median(contiguous_rates)
+        print(f"plain loop, contiguous format {contiguous:8.1f} samples/s (median)")
+        print(f"ratio channels-last/contiguous {plain / contiguous:.3f}")
 
 
 if __name__ == "__main__":
