@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from omegaconf import open_dict
 
 from lightning_modules.training import train
@@ -165,3 +166,11 @@ def test_ddp_two_cpu_processes_share_one_run_folder(tmp_path: Path) -> None:
     summary = json.loads((run_folders[0] / "summary.json").read_text())
     assert summary["train_samples_per_sec_median"] > 0
     assert "sync_dist=True" not in result.stderr
+
+
+def test_checkpoint_loads_weights_only(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    cfg = compose_config("trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=1", "data.train_subset=64")
+    train(cfg)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["global_step"] > 0
+    assert "RNGStateCallback" in checkpoint["callbacks"]
