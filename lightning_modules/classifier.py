@@ -1,8 +1,10 @@
 """The plain image classifier: the dense baseline every technique is compared with."""
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +14,22 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_modules.schedules import build_scheduler
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+
+
+def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
+    """Return the optimizer steps in one epoch, from the training batches and gradient accumulation.
+
+    Call it after ``trainer.estimated_stepping_batches``, which sets the number of batches.
+    Epoch-based schedule points (warm-up, milestones) are converted with it, so they stay
+    where they are when ``max_steps`` ends the run early.
+    """
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError(
+            "epoch-based learning-rate schedules need a training loader with a length; "
+            "set module.scheduler.name=none or use a map-style dataset"
+        )
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 class ClassifierModule(LightningModule):
@@ -116,8 +134,7 @@ class ClassifierModule(LightningModule):
         optimizer = self.optimizer_factory(self._parameter_groups())
 
         total_steps = int(self.trainer.estimated_stepping_batches)
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        steps_per_epoch = max(1, total_steps // max_epochs)
+        steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
         scheduler = build_scheduler(
             optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **self.scheduler_options
         )

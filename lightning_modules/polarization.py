@@ -23,7 +23,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -32,9 +31,11 @@ from lightning_modules.classifier import ClassifierModule, OptimizerFactory
 from pruning import (
     ChannelGates,
     build_channel_graph,
+    channel_costs,
     channel_table,
     dense_macs,
     extract_subnetwork,
+    fit_masks_to_budget,
     format_channel_table,
     macs_from_counts,
     polarization_regularizer,
@@ -47,6 +48,7 @@ from pruning.report import plot_gate_histograms, plot_kept_channels, save_channe
 log = logging.getLogger(__name__)
 
 BUDGET_PENALTIES = ("squared", "hinge")
+BUDGET_GRADIENTS = ("per_gate", "flops")
 
 
 class PolarizationModule(ClassifierModule):
@@ -59,6 +61,11 @@ class PolarizationModule(ClassifierModule):
         budget_weight: weight of the budget penalty on the kept FLOPs fraction.
         budget_penalty: ``"squared"`` pulls the kept fraction to the target from both sides,
             ``"hinge"`` only penalises keeping more than the target.
+        budget_gradient: the penalty's value is always the FLOPs kept by the open gates. With
+            ``"flops"`` its gradient pushes each gate in proportion to its channel's cost, which
+            on CIFAR ResNets closes whole high-resolution blocks first. ``"per_gate"`` divides
+            each group's gradient by its channel cost (times the mean cost), so every gate is
+            pushed alike and the task loss decides which channels close.
         gate_lr: learning rate of the gate scores (their own param group, without weight decay);
             the learning-rate schedule scales it like the weights' rate.
         gate_init: initial gate score, in (0.5, 1] so that training starts dense.
@@ -68,6 +75,9 @@ class PolarizationModule(ClassifierModule):
         freeze_min_fraction: ... but not before this fraction of ``max_epochs``.
         freeze_max_fraction: freeze at this fraction of ``max_epochs`` at the latest;
             1.0 freezes only at the end of training.
+        fit_budget_at_freeze: when the gates freeze outside the budget, close the open channels
+            with the lowest scores (or open the closed ones with the highest) until the FLOPs
+            reduction is in [flops_reduction, flops_reduction + freeze_tolerance].
         save_model: save the extracted network as ``<run folder>/pruning/pruned_model.pt``.
     """
 
@@ -78,16 +88,18 @@ class PolarizationModule(ClassifierModule):
         scheduler: dict[str, Any],
         num_classes: int,
         flops_reduction: float = 0.5,
-        polarization_weight: float = 1e-4,
+        polarization_weight: float = 5e-4,
         polarization_t: float = 1.2,
-        budget_weight: float = 2.0,
+        budget_weight: float = 5.0,
         budget_penalty: str = "squared",
-        gate_lr: float = 0.01,
+        budget_gradient: str = "per_gate",
+        gate_lr: float = 0.2,
         gate_init: float = 1.0,
         freeze_stable_epochs: int = 2,
         freeze_tolerance: float = 0.03,
         freeze_min_fraction: float = 0.2,
         freeze_max_fraction: float = 0.5,
+        fit_budget_at_freeze: bool = True,
         save_model: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
@@ -104,6 +116,8 @@ class PolarizationModule(ClassifierModule):
         )
         if not 0.0 <= flops_reduction < 1.0:
             raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+        if budget_gradient not in BUDGET_GRADIENTS:
+            raise ValueError(f"budget_gradient must be one of {', '.join(BUDGET_GRADIENTS)}, got {budget_gradient!r}")
         if budget_penalty not in BUDGET_PENALTIES:
             raise ValueError(f"budget_penalty must be one of {', '.join(BUDGET_PENALTIES)}, got {budget_penalty!r}")
         if not 0.5 < gate_init <= 1.0:
@@ -118,12 +132,15 @@ class PolarizationModule(ClassifierModule):
         self.polarization_t = polarization_t
         self.budget_weight = budget_weight
         self.budget_penalty = budget_penalty
+        self.budget_gradient = budget_gradient
+        self.budget_gradient_scale: dict[int, float] | None = None
         self.gate_lr = gate_lr
         self.gate_init = gate_init
         self.freeze_stable_epochs = freeze_stable_epochs
         self.freeze_tolerance = freeze_tolerance
         self.freeze_min_fraction = freeze_min_fraction
         self.freeze_max_fraction = freeze_max_fraction
+        self.fit_budget_at_freeze = fit_budget_at_freeze
         self.save_model = save_model
 
         self.graph = None
@@ -134,10 +151,12 @@ class PolarizationModule(ClassifierModule):
         self.frozen = False
         self.extracted = False
         self.freeze_epoch: int | None = None
+        self.reduction_from_gates: float | None = None
         self.keep_masks: dict[int, torch.Tensor] | None = None
         self.stable_epochs = 0
         self.last_masks: dict[int, torch.Tensor] | None = None
         self.score_history: list[tuple[int, torch.Tensor]] = []
+        self._report_callback: PruningReportCallback | None = None
 
     # -- gates -------------------------------------------------------------------------
 
@@ -152,6 +171,10 @@ class PolarizationModule(ClassifierModule):
         self.dense_macs = dense_macs(self.graph)
         self.dense_params = sum(parameter.numel() for parameter in self.net.parameters())
         self.gates = ChannelGates(self.graph, init=self.gate_init).to(example_input.device)
+        if self.budget_gradient == "per_gate":
+            costs = channel_costs(self.graph)
+            mean_cost = sum(costs.values()) / max(1, len(costs))
+            self.budget_gradient_scale = {index: mean_cost / cost if cost > 0 else 1.0 for index, cost in costs.items()}
         self.gates.attach(self.net)
         log.info(
             "gated %d of %d channel groups (%d gates); dense network: %.4g MACs per sample",
@@ -180,29 +203,27 @@ class PolarizationModule(ClassifierModule):
     # -- training ----------------------------------------------------------------------
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
-        task_loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        loss = task_loss
+        # The classifier computes and logs the cross-entropy and accuracy; the gate terms are added here.
+        task_loss = super().training_step(batch, batch_index)
+        if self.gates is None or self.frozen:
+            return task_loss
 
-        if self.gates is not None and not self.frozen:
-            polarization = polarization_regularizer(self.gates.all_scores(), self.polarization_t)
-            kept_macs = macs_from_counts(self.graph, self.gates.kept_counts(straight_through=True))
-            kept_fraction = kept_macs / self.dense_macs
-            excess = kept_fraction - (1.0 - self.flops_reduction)
-            if self.budget_penalty == "hinge":
-                excess = excess.clamp(min=0.0)
-            budget = excess.square()
-            loss = task_loss + self.polarization_weight * polarization + self.budget_weight * budget
-            batch_size = len(labels)
-            self.log("pruning/polarization", polarization, on_step=False, on_epoch=True, batch_size=batch_size)
-            self.log("pruning/budget_penalty", budget, on_step=False, on_epoch=True, batch_size=batch_size)
-            self.log("pruning/kept_flops_fraction", kept_fraction.detach(), on_step=True, batch_size=batch_size)
+        polarization = polarization_regularizer(self.gates.all_scores(), self.polarization_t)
+        counts = self.gates.kept_counts(straight_through=True, gradient_scale=self.budget_gradient_scale)
+        kept_macs = macs_from_counts(self.graph, counts)
+        kept_fraction = kept_macs / self.dense_macs
+        excess = kept_fraction - (1.0 - self.flops_reduction)
+        if self.budget_penalty == "hinge":
+            excess = excess.clamp(min=0.0)
+        budget = excess.square()
+        loss = task_loss + self.polarization_weight * polarization + self.budget_weight * budget
 
-        self.train_accuracy(logits, labels)
-        self.log("train/loss", task_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
-        self.log("train/total_loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        batch_size = len(batch[1])
+        epoch_options = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
+        self.log("pruning/polarization", polarization, **epoch_options)
+        self.log("pruning/budget_penalty", budget, **epoch_options)
+        self.log("train/total_loss", loss, **epoch_options)
+        self.log("pruning/kept_flops_fraction", kept_fraction.detach(), on_step=True, batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
@@ -225,8 +246,8 @@ class PolarizationModule(ClassifierModule):
         self.stable_epochs = self.stable_epochs + 1 if self.last_masks is not None and flips == 0 else 0
         self.last_masks = masks
         self.score_history.append((self.current_epoch, self.gates.all_scores().detach().cpu().clone()))
-        self.log("pruning/flips", float(flips))
-        self.log("pruning/flops_reduction", 1.0 - self.kept_flops_fraction())
+        self.log("pruning/flips", float(flips), sync_dist=True)
+        self.log("pruning/flops_reduction", 1.0 - self.kept_flops_fraction(), sync_dist=True)
 
     def _settled(self) -> bool:
         max_epochs = self.trainer.max_epochs or 1
@@ -246,6 +267,15 @@ class PolarizationModule(ClassifierModule):
         trainer = self._trainer
         self.frozen = True
         self.freeze_epoch = self.current_epoch if trainer is not None else None
+        self.reduction_from_gates = 1.0 - self.kept_flops_fraction()
+        if self.fit_budget_at_freeze:
+            scores = {int(index): score for index, score in self.gates.scores.items()}
+            masks = fit_masks_to_budget(self.graph, scores, self.flops_reduction, self.freeze_tolerance)
+            with torch.no_grad():
+                for index, mask in masks.items():
+                    # Moves only the scores on the wrong side of the threshold, just across it.
+                    score = self.gates.scores[str(index)]
+                    score.copy_(torch.where(mask.to(score.device), score.clamp(min=0.51), score.clamp(max=0.49)))
         if trainer is not None and trainer.world_size > 1:
             self._stop_gate_learning(trainer)
         else:
@@ -306,6 +336,7 @@ class PolarizationModule(ClassifierModule):
             "frozen": self.frozen,
             "extracted": self.extracted,
             "freeze_epoch": self.freeze_epoch,
+            "reduction_from_gates": self.reduction_from_gates,
             "keep_masks": {str(index): mask for index, mask in (self.keep_masks or {}).items()},
             "stable_epochs": self.stable_epochs,
             "last_masks": {str(index): mask for index, mask in (self.last_masks or {}).items()},
@@ -333,6 +364,7 @@ class PolarizationModule(ClassifierModule):
             )
         self.frozen = state["frozen"]
         self.freeze_epoch = state["freeze_epoch"]
+        self.reduction_from_gates = state["reduction_from_gates"]
         self.stable_epochs = state["stable_epochs"]
         self.last_masks = {int(index): mask for index, mask in state["last_masks"].items()} or None
         self.score_history = [(int(epoch), scores) for epoch, scores in state["score_history"]]
@@ -340,7 +372,11 @@ class PolarizationModule(ClassifierModule):
     # -- outputs -----------------------------------------------------------------------
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [PruningReportCallback()]
+        # Lightning replaces the callback on every fit and test; returning the same
+        # instance keeps the report of the fit for the summary after test.
+        if self._report_callback is None:
+            self._report_callback = PruningReportCallback()
+        return [self._report_callback]
 
     def pruning_report(self) -> dict[str, Any]:
         """Return target and achieved reductions of the extracted network (MACs per sample and parameters)."""
@@ -349,6 +385,8 @@ class PolarizationModule(ClassifierModule):
         return {
             "pruning_flops_reduction_target": self.flops_reduction,
             "pruning_flops_reduction": 1.0 - pruned_macs / self.dense_macs,
+            # Before fit_budget_at_freeze adjusted the gates; equal to the above when it did not.
+            "pruning_flops_reduction_from_gates": self.reduction_from_gates,
             "pruning_params_reduction": 1.0 - pruned_params / self.dense_params,
             "pruning_dense_macs_per_sample": self.dense_macs,
             "pruning_macs_per_sample": pruned_macs,
@@ -381,9 +419,9 @@ class PruningReportCallback(L.Callback):
                 logger.log_metrics({"pruning/gate_scores": wandb.Histogram(scores)}, step=trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
+        if not pl_module.frozen:
+            pl_module.freeze()
         if not pl_module.extracted:
-            if not pl_module.frozen:
-                pl_module.freeze_epoch = pl_module.current_epoch
             pl_module.extract(trainer.optimizers)
         self.report = pl_module.pruning_report()
         self._write_outputs(trainer, pl_module)

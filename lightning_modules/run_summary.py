@@ -30,15 +30,18 @@ def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: floa
     if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
         summary["checkpoint_dir"] = checkpoint.dirpath
         summary["best_checkpoint"] = checkpoint.best_model_path or None
+    # Only rank zero has a W&B run; the others hold a stand-in without settings.
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            summary["wandb_dir"] = logger.experiment.dir
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            # The run folder (what `wandb sync` takes), not its files/ subfolder.
+            summary["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             summary["wandb_mode"] = logger.experiment.settings.mode
     return summary
 
 
 def save_summary(summary: dict[str, Any], output_dir: Path) -> Path:
     """Write the summary as JSON; return its path."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return path

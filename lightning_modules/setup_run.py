@@ -50,11 +50,11 @@ def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     return [instantiate(entry) for entry in logger_cfg.values() if entry and "_target_" in entry]
 
 
-def resolve_precision(precision: str | int) -> str | int:
-    """Turn ``"auto"`` into bf16 mixed precision on GPUs that support it, else 32-bit."""
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:
+    """Turn ``"auto"`` into bf16 mixed precision when training on a GPU that supports it, else 32-bit."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
 

@@ -29,6 +29,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     number of classes from it.
     """
     start = time.perf_counter()
+    _validate_test_weights(cfg)
     _route_lightning_logs_through_root()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -43,7 +44,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
-        precision=resolve_precision(cfg.trainer.get("precision", "auto")),
+        precision=resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto")),
     )
 
     try:
@@ -65,20 +66,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _close_wandb()
 
 
-def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
-    """Return the checkpoint to test: ``None`` for the weights in memory, or the best one."""
+def _validate_test_weights(cfg: DictConfig) -> None:
     choice = cfg.get("test_weights", "last")
-    if choice == "last" or not cfg.get("train", True):
+    if choice not in ("last", "best"):
+        raise ValueError(
+            f"test_weights must be 'last' (final weights) or 'best' (best validation checkpoint), got {choice!r}"
+        )
+    if not cfg.get("train", True) and cfg.get("test", True) and cfg.get("ckpt_path") is None:
+        raise ValueError("train=false tests a trained network: set ckpt_path to a .ckpt file or a run folder")
+
+
+def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """Return the checkpoint to test, or ``None`` for the weights in memory after training."""
+    if not cfg.get("train", True):
+        return resolve_checkpoint_path(cfg.ckpt_path)
+    if cfg.get("test_weights", "last") == "last":
         return None
-    if choice == "best":
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or not checkpoint.best_model_path:
-            log.warning("test_weights=best but no best checkpoint was saved; testing the final weights")
-            return None
-        return checkpoint.best_model_path
-    raise ValueError(
-        f"test_weights must be 'last' (final weights) or 'best' (best validation checkpoint), got {choice!r}"
-    )
+
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or not checkpoint.best_model_path:
+        log.warning("test_weights=best but no best checkpoint was saved; testing the final weights")
+        return None
+    return checkpoint.best_model_path
 
 
 def _route_lightning_logs_through_root() -> None:

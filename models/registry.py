@@ -7,6 +7,11 @@ import torch.nn as nn
 
 ModelFactory = Callable[..., nn.Module]
 
+# Attribute set on every model that create_model returns: the arguments that rebuild
+# it (name, in_channels, num_classes, pretrained and extra keyword arguments), so a
+# pruned copy can be saved with its architecture and loaded without this process.
+MODEL_SPEC_ATTRIBUTE = "leanlight_model_spec"
+
 _REGISTRY: dict[str, ModelFactory] = {}
 
 
@@ -32,31 +37,46 @@ def create_model(
     in_channels: int,
     num_classes: int,
     pretrained: bool = False,
+    library: str = "auto",
     **kwargs,
 ) -> nn.Module:
     """Create a backbone by name, with its input channels and classes set from the data.
 
-    leanlight's names (``resnet20`` ... ``resnet110``, ``vgg11_bn``, ``vgg16_bn``) take
-    precedence; any other name goes to ``timm.create_model``. Pretrained weights are
-    loaded only when ``pretrained`` is true, and only timm models have them.
+    ``library="auto"`` looks the name up in leanlight's models first (``resnet20`` ...
+    ``resnet110``, ``vgg11_bn``, ``vgg16_bn``), then in timm; ``"leanlight"`` or
+    ``"timm"`` looks in one only, which matters for names both have (timm's ``vgg16_bn``
+    is the ImageNet VGG). Pretrained weights are loaded only when ``pretrained`` is
+    true, and only timm models have them.
     """
+    if library not in ("auto", "leanlight", "timm"):
+        raise ValueError(f"model.library must be 'auto', 'leanlight' or 'timm', got {library!r}")
     if in_channels < 1 or num_classes < 1:
         raise ValueError(
             f"model {name!r} needs in_channels >= 1 and num_classes >= 1, "
             f"got in_channels={in_channels}, num_classes={num_classes}"
         )
 
-    if name in _REGISTRY:
+    if name in _REGISTRY and library != "timm":
         if pretrained:
             raise ValueError(f"model {name!r} has no pretrained weights in leanlight; set model.pretrained=false")
-        return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
-
-    if not timm.is_model(name):
+        model = _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+    elif timm.is_model(name) and library != "leanlight":
+        model = _create_timm_model(name, in_channels, num_classes, pretrained, **kwargs)
+    else:
         raise ValueError(
-            f"unknown model {name!r}. leanlight models: {', '.join(list_models())}; "
+            f"unknown model {name!r} (library={library}). leanlight models: {', '.join(list_models())}; "
             f"for timm models, look the name up with timm.list_models('*{name}*')"
         )
-    return _create_timm_model(name, in_channels, num_classes, pretrained, **kwargs)
+    spec = {
+        "name": name,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "pretrained": False,
+        "library": library,
+        **kwargs,
+    }
+    setattr(model, MODEL_SPEC_ATTRIBUTE, spec)
+    return model
 
 
 def _create_timm_model(name: str, in_channels: int, num_classes: int, pretrained: bool, **kwargs) -> nn.Module:

@@ -794,3 +794,10 @@ def test_real_cifar10_archive(cifar10_cache_dir):
     assert module.image_size == (32, 32)
     assert images.shape == (256, 3, 32, 32)
     assert np.bincount(module.splits().val.labels).tolist() == [500] * 10
+
+
+def test_evaluation_batches_mix_classes() -> None:
+    datamodule = DigitsDataModule(batch_size=32)
+    for loader in (datamodule.val_dataloader(), datamodule.test_dataloader()):
+        _, labels = next(iter(loader))
+        assert len(labels.unique()) >= 5

@@ -72,3 +72,10 @@ def test_pretrained_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="model.pretrained=false"):
         create_model("resnet18", in_channels=3, num_classes=10, pretrained=True)
+
+
+def test_timm_library_overrides_leanlight_name() -> None:
+    leanlight_vgg = create_model("vgg11_bn", in_channels=3, num_classes=10)
+    timm_vgg = create_model("vgg11_bn", in_channels=3, num_classes=10, library="timm")
+    assert type(leanlight_vgg).__name__ == "CifarVGG"
+    assert type(timm_vgg).__name__ == "VGG"

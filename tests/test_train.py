@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -174,3 +175,57 @@ def test_checkpoint_loads_weights_only(compose_config: ComposeConfig, tmp_path: 
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["global_step"] > 0
     assert "RNGStateCallback" in checkpoint["callbacks"]
+
+
+def test_last_checkpoint_is_last_epoch(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    # The constant 0.4 learning rate makes validation accuracy fall in some epoch, which
+    # is when a last.ckpt tied to the best checkpoint would fall behind.
+    cfg = compose_config(
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "trainer.max_epochs=4",
+        "data.train_subset=64",
+        "module.scheduler.name=constant",
+        "module.optimizer.lr=0.4",
+    )
+    train(cfg)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["epoch"] == 3
+
+
+def test_test_only_run_uses_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    trained_cfg = compose_config("trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=2")
+    trained = train(trained_cfg)
+
+    test_only_cfg = compose_config("trainer.accelerator=cpu", "logger=none", "train=false", f"ckpt_path={tmp_path}")
+    with open_dict(test_only_cfg):
+        test_only_cfg.paths.output_dir = str(tmp_path / "test_only")
+    tested = train(test_only_cfg)
+
+    assert tested["test/acc"] == pytest.approx(trained["test/acc"])
+
+
+def test_test_only_run_needs_checkpoint(compose_config: ComposeConfig) -> None:
+    with pytest.raises(ValueError, match="set ckpt_path"):
+        train(compose_config(*FAST, "train=false"))
+
+
+def test_misspelt_test_weights_fails_before_training(compose_config: ComposeConfig) -> None:
+    with pytest.raises(ValueError, match="'bset'"):
+        train(compose_config("trainer.accelerator=cpu", "logger=none", "test_weights=bset"))
+
+
+def test_steps_per_epoch_ignore_max_steps() -> None:
+    from lightning_modules.classifier import optimizer_steps_per_epoch
+
+    # A run cut short by max_steps has the same epochs: 21 batches, 2 per optimizer step.
+    trainer = SimpleNamespace(num_training_batches=21, accumulate_grad_batches=2, max_steps=4, max_epochs=10)
+    assert optimizer_steps_per_epoch(trainer) == 11
+
+
+def test_steps_per_epoch_need_finite_loader() -> None:
+    from lightning_modules.classifier import optimizer_steps_per_epoch
+
+    trainer = SimpleNamespace(num_training_batches=float("inf"), accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match="scheduler.name=none"):
+        optimizer_steps_per_epoch(trainer)

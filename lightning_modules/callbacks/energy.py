@@ -183,7 +183,7 @@ class EnergyCallback(L.Callback):
 
         # Every rank takes part in the reduction, with 0 where it measured nothing, so
         # the collective call cannot hang; the total is reported only if some rank measured.
-        local = torch.tensor(measured.joules or 0.0, dtype=torch.float64)
+        local = torch.tensor(measured.joules or 0.0, dtype=torch.float64, device=trainer.strategy.root_device)
         total = float(trainer.strategy.reduce(local, reduce_op="sum"))
         if measured.joules is not None:
             measured = MeasuredEnergy(total, measured.seconds, measured.detail)

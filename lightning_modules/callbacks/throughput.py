@@ -19,7 +19,9 @@ def _batch_size(batch: Any) -> int:
 
 
 def _sum_over_ranks(trainer: L.Trainer, value: float) -> float:
-    return float(trainer.strategy.reduce(torch.tensor(value, dtype=torch.float64), reduce_op="sum"))
+    # NCCL reduces only tensors on the GPU, so the tensor goes to the strategy's device.
+    local = torch.tensor(value, dtype=torch.float64, device=trainer.strategy.root_device)
+    return float(trainer.strategy.reduce(local, reduce_op="sum"))
 
 
 class ThroughputCallback(L.Callback):

@@ -161,9 +161,16 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
         if self.train_subset is not None:
             train_indices = self.take_train_subset(train_indices, data.train_labels, val_count)
 
+        # Sources list images class by class. Validation and test are not shuffled, so
+        # they are put in a fixed mixed order once: otherwise limit_val_batches or
+        # limit_test_batches would evaluate only the first classes.
+        # The test order has a seed of its own, so the test set stays the same when split_seed changes.
+        val_indices = np.random.default_rng(self.split_seed).permutation(val_indices)
+        test_indices = np.random.default_rng(0).permutation(len(data.test_labels))
+
         train = ImageArrayDataset(data.train_images[train_indices], data.train_labels[train_indices])
         val = ImageArrayDataset(data.train_images[val_indices], data.train_labels[val_indices])
-        test = ImageArrayDataset(data.test_images, data.test_labels)
+        test = ImageArrayDataset(data.test_images[test_indices], data.test_labels[test_indices])
         mean, std = channel_mean_std(train.images)
         logger.info(
             "%s: %d train, %d validation and %d test images of %d classes, shape %s, mean %s, std %s",
