@@ -1,0 +1,207 @@
+"""Channel gates with a straight-through binary forward, the polarization regularizer and FLOPs from gates."""
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from pruning.graph import ChannelGraph
+
+# A channel is open when its score is above this value.
+THRESHOLD = 0.5
+
+
+def binary_gate(scores: torch.Tensor) -> torch.Tensor:
+    """Return ``1[scores > 0.5]`` in the forward pass, with the gradient passed straight through to ``scores``."""
+    hard = (scores > THRESHOLD).to(scores.dtype)
+    return hard + scores - scores.detach()
+
+
+def polarization_regularizer(scores: torch.Tensor, t: float) -> torch.Tensor:
+    """Return ``t * sum|s_i| - sum|s_i - mean(s)|`` over all gate scores (Zhuang et al., NeurIPS 2020).
+
+    With scores bounded in [0, 1], its minimisers put some scores at 1 and the rest at
+    0 instead of shrinking all of them together, as L1 alone does. The mean is one
+    global mean over every gate of the model.
+    """
+    return t * scores.abs().sum() - (scores - scores.mean()).abs().sum()
+
+
+class ChannelGates(nn.Module):
+    """One gate score in [0, 1] per channel of each prunable group of ``graph``.
+
+    :meth:`attach` registers forward hooks that multiply the outputs of each group's
+    gate points by the binary gate, so the network trains as the sub-network that
+    extraction will keep. Scores are parameters under ``scores.<group index>``.
+    """
+
+    def __init__(self, graph: ChannelGraph, init: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= init <= 1.0:
+            raise ValueError(f"gate init must be in [0, 1], got {init}")
+        self.graph = graph
+        self.scores = nn.ParameterDict(
+            {
+                str(group.index): nn.Parameter(torch.full((group.channels,), float(init)))
+                for group in graph.prunable_groups
+            }
+        )
+        self.hook_ids: dict[str, int] = {}
+
+    def attach(self, net: nn.Module) -> None:
+        """Register the gating hooks on ``net``'s gate points (``net`` is the traced network)."""
+        if self.hook_ids:
+            raise RuntimeError("gates are already attached; call detach_from(net) first")
+        for group in self.graph.prunable_groups:
+            for name in group.gate_points:
+                handle = net.get_submodule(name).register_forward_hook(_GateHook(self, str(group.index)))
+                self.hook_ids[name] = handle.id
+
+    def detach_from(self, net: nn.Module) -> None:
+        """Remove the gating hooks from ``net`` or from a deep copy of it."""
+        for name, hook_id in self.hook_ids.items():
+            net.get_submodule(name)._forward_hooks.pop(hook_id, None)
+
+    @contextlib.contextmanager
+    def detached(self, net: nn.Module) -> Iterator[None]:
+        """Remove the hooks for the duration of the block (to copy ``net`` without the gates), then restore them."""
+        saved = dict(self.hook_ids)
+        self.detach_from(net)
+        self.hook_ids = {}
+        try:
+            yield
+        finally:
+            self.hook_ids = {}
+            for group in self.graph.prunable_groups:
+                for name in group.gate_points:
+                    if name in saved:
+                        handle = net.get_submodule(name).register_forward_hook(_GateHook(self, str(group.index)))
+                        self.hook_ids[name] = handle.id
+
+    def all_scores(self) -> torch.Tensor:
+        """Return every score, concatenated in group order (an empty tensor if nothing is prunable)."""
+        if not len(self.scores):
+            return torch.zeros(0)
+        return torch.cat([score for score in self.scores.values()])
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the scores to [0, 1] in place (after each optimizer step)."""
+        for score in self.scores.values():
+            score.clamp_(0.0, 1.0)
+
+    def keep_masks(self) -> dict[int, torch.Tensor]:
+        """Return the open channels of each prunable group as boolean masks."""
+        return {int(index): (score.detach() > THRESHOLD).cpu() for index, score in self.scores.items()}
+
+    def kept_counts(
+        self, straight_through: bool = False, gradient_scale: dict[int, float] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Return the open channels per prunable group; differentiable through the scores if ``straight_through``.
+
+        ``gradient_scale`` multiplies the straight-through gradient of each group's count
+        without changing its value.
+        """
+        if straight_through:
+            counts = {}
+            for index, score in self.scores.items():
+                scale = 1.0 if gradient_scale is None else gradient_scale[int(index)]
+                hard = (score > THRESHOLD).to(score.dtype)
+                counts[int(index)] = (hard + scale * (score - score.detach())).sum()
+            return counts
+        return {int(index): (score.detach() > THRESHOLD).sum().float() for index, score in self.scores.items()}
+
+
+class _GateHook:
+    """Forward hook that multiplies the channels of a module's output by its group's binary gate."""
+
+    def __init__(self, gates: ChannelGates, key: str) -> None:
+        self.gates = gates
+        self.key = key
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        gate = binary_gate(self.gates.scores[self.key]).to(output.dtype)
+        shape = [1] * output.ndim
+        shape[1] = -1
+        return output * gate.view(shape)
+
+
+def macs_from_counts(graph: ChannelGraph, kept: dict[int, torch.Tensor | float]) -> torch.Tensor:
+    """Return the MACs per sample of the convolutions and linear layers for the given kept channels per group.
+
+    Groups missing from ``kept`` count in full. A group with nothing kept counts one
+    channel, because extraction keeps one zeroed channel so that every layer stays valid.
+    This is the quantity ``torch.utils.flop_counter`` counts (conv and matmul only).
+    """
+    counts: dict[int, torch.Tensor | float] = {}
+    for group in graph.groups:
+        value = kept.get(group.index, float(group.channels))
+        if isinstance(value, torch.Tensor):
+            # Keeps the straight-through gradient when at least one channel is open.
+            counts[group.index] = torch.where(value < 1, value.detach().clamp(min=1.0), value)
+        else:
+            counts[group.index] = max(1.0, float(value))
+    total: torch.Tensor | float = 0.0
+    for layer in graph.layers:
+        if layer.kind == "depthwise":
+            total = total + counts[layer.out_group] * layer.unit_macs
+        else:
+            total = total + counts[layer.in_group] * counts[layer.out_group] * layer.unit_macs
+    # float64, so that counts of large networks stay exact integers.
+    return torch.as_tensor(total, dtype=torch.float64) if not isinstance(total, torch.Tensor) else total
+
+
+def channel_costs(graph: ChannelGraph) -> dict[int, float]:
+    """Return, per prunable group, the MACs per sample that one of its channels costs in the dense network."""
+    counts = {
+        group.index: torch.tensor(float(group.channels), dtype=torch.float64, requires_grad=True)
+        for group in graph.prunable_groups
+    }
+    total = macs_from_counts(graph, counts)
+    gradients = torch.autograd.grad(total, list(counts.values())) if counts else []
+    return {index: float(gradient) for index, gradient in zip(counts, gradients, strict=True)}
+
+
+def dense_macs(graph: ChannelGraph) -> float:
+    """Return the MACs per sample of the network with every channel kept."""
+    return float(macs_from_counts(graph, {}))
+
+
+def fit_masks_to_budget(
+    graph: ChannelGraph, scores: dict[int, torch.Tensor], flops_reduction: float, tolerance: float
+) -> dict[int, torch.Tensor]:
+    """Return keep masks (``score > 0.5``) adjusted by score order until the MACs reduction is in the budget.
+
+    If fewer MACs than ``flops_reduction`` are removed, the open channels with the lowest
+    scores are closed until enough are. If more than ``flops_reduction + tolerance`` are
+    removed, the closed channels with the highest scores are opened while the reduction
+    stays at or above ``flops_reduction``. Returns the masks as they are when they already fit.
+    """
+    masks = {index: (score.detach().cpu() > THRESHOLD).clone() for index, score in scores.items()}
+    dense = dense_macs(graph)
+
+    def reduction() -> float:
+        kept = {index: float(mask.sum()) for index, mask in masks.items()}
+        return 1.0 - float(macs_from_counts(graph, kept)) / dense
+
+    candidates = [
+        (float(score), index, channel)
+        for index, group_scores in scores.items()
+        for channel, score in enumerate(group_scores.detach().cpu().tolist())
+    ]
+    if reduction() < flops_reduction:
+        for _, index, channel in sorted(candidate for candidate in candidates if masks[candidate[1]][candidate[2]]):
+            masks[index][channel] = False
+            if reduction() >= flops_reduction:
+                break
+    elif reduction() > flops_reduction + tolerance:
+        closed = [candidate for candidate in candidates if not masks[candidate[1]][candidate[2]]]
+        for _, index, channel in sorted(closed, reverse=True):
+            masks[index][channel] = True
+            if reduction() < flops_reduction:
+                masks[index][channel] = False
+                break
+            if reduction() <= flops_reduction + tolerance:
+                break
+    return masks

@@ -1,0 +1,520 @@
+"""Channel dependency graph: which channels of which layers are kept or removed together.
+
+The network is traced with ``torch.fx`` and every tensor in it gets a channel space
+(dimension 1 of a feature map, the last dimension of a ``(B, C)`` tensor). Operations
+that keep channels one-to-one (BatchNorm, activations, pooling, depthwise
+convolutions, flatten of a 1x1 map) put their output in the same space as their
+input, and a residual addition merges the spaces of its operands. The spaces that
+remain after merging are the channel groups: removing channel ``i`` of a group removes
+output channel ``i`` of every producer (convolution or linear layer writing into the
+group), channel ``i`` of every BatchNorm and depthwise convolution in it, and input
+channel ``i`` of every consumer. Torch-Pruning calls these dependency groups.
+
+A group is fixed (never pruned) when it touches the model's input or output, a
+channel concatenation or padding (the zero-padding shortcut of CIFAR ResNets,
+option A), channel indexing, a grouped convolution or a flatten of a spatial map.
+An operation whose effect on channels is unknown raises :class:`UnsupportedModelError`
+naming the layer.
+"""
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class UnsupportedModelError(ValueError):
+    """The network contains a layer or operation that channel pruning cannot handle."""
+
+
+# Modules and functions that map a zero channel to a zero channel and keep channels
+# one-to-one. Gating a channel before them therefore zeroes it after them too.
+ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+ZERO_PRESERVING_FUNCTIONS = {
+    F.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardtanh,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    F.dropout,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    torch.relu,
+    torch.tanh,
+}
+ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "float", "to"}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+FLATTEN_TARGETS = {torch.flatten}
+SHAPE_ONLY_METHODS = {"size", "dim"}
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that must be kept or removed together, with every layer that touches them.
+
+    ``producers`` write the group's channels (convolutions and linear layers, by module
+    name); ``consumers`` read them as input channels; ``depthwise`` convolutions do
+    both; ``norms`` are BatchNorm layers over them; ``gate_points`` are the modules
+    whose outputs a gate multiplies, chosen so that a closed channel is exactly zero
+    wherever a consumer reads it.
+    """
+
+    index: int
+    channels: int
+    producers: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+    depthwise: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    gate_points: list[str] = field(default_factory=list)
+    fixed_reason: str | None = None
+
+    @property
+    def prunable(self) -> bool:
+        return self.fixed_reason is None and self.channels > 1
+
+    @property
+    def name(self) -> str:
+        """The first layer that writes the group, and how many others write it too."""
+        writers = self.producers + [name for name in self.depthwise if name not in self.producers]
+        if not writers:
+            return f"group{self.index}"
+        extra = len(writers) - 1
+        return writers[0] + (f" (+{extra} coupled)" if extra else "")
+
+
+@dataclass
+class LayerCost:
+    """A convolution or linear layer and what one sample costs in it.
+
+    MACs per sample are ``out * in * unit_macs`` for a dense layer and
+    ``channels * unit_macs`` for a depthwise convolution, where the counts are the kept
+    channels of ``out_group`` and ``in_group`` and ``unit_macs`` is kernel area times
+    output positions divided by the convolution's groups.
+    """
+
+    name: str
+    kind: str  # "conv", "depthwise" or "linear"
+    in_group: int
+    out_group: int
+    in_channels: int
+    out_channels: int
+    unit_macs: float
+
+
+@dataclass
+class ChannelGraph:
+    """Channel groups of a traced network and the cost of each of its layers."""
+
+    groups: list[ChannelGroup]
+    layers: list[LayerCost]
+    input_shape: tuple[int, ...]
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [group for group in self.groups if group.prunable]
+
+
+class _LeafTracer(fx.Tracer):
+    """Keep BatchNorm subclasses (timm's ``BatchNormAct2d``), convolutions and linear layers as leaves."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if isinstance(module, (_BatchNorm, nn.Conv2d, nn.Linear)):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+
+def trace(net: nn.Module) -> fx.GraphModule:
+    """Trace ``net`` symbolically; raise :class:`UnsupportedModelError` if ``torch.fx`` cannot."""
+    try:
+        graph = _LeafTracer().trace(net)
+    except Exception as error:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code.
+        raise UnsupportedModelError(
+            f"torch.fx could not trace {type(net).__name__}: {type(error).__name__}: {error}. "
+            "Channel pruning needs a network without data-dependent control flow"
+        ) from error
+    return fx.GraphModule(net, graph)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, item: int) -> int:
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, first: int, second: int) -> int:
+        first, second = self.find(first), self.find(second)
+        if first != second:
+            self.parent[second] = first
+        return first
+
+
+@dataclass
+class _Member:
+    role: str  # "producer", "consumer", "depthwise", "norm", "gate_point"
+    module: str
+
+
+class _GraphBuilder:
+    def __init__(self, traced: fx.GraphModule) -> None:
+        self.traced = traced
+        self.spaces = _UnionFind()
+        self.space_of: dict[fx.Node, int] = {}
+        self.channels_of_space: dict[int, int] = {}
+        self.members: list[tuple[int, _Member]] = []
+        self.fixed: list[tuple[int, str]] = []
+        self.layers: list[tuple[str, str, int, int, int, int, float]] = []
+        self.calls: dict[str, int] = {}
+
+    def new_space(self, node: fx.Node) -> int:
+        space = self.spaces.new()
+        self.channels_of_space[space] = _channels(node)
+        self.space_of[node] = space
+        return space
+
+    def same_space(self, node: fx.Node, source: fx.Node) -> int:
+        space = self.space_of[source]
+        self.space_of[node] = space
+        return space
+
+    def fix(self, space: int, reason: str) -> None:
+        self.fixed.append((space, reason))
+
+    def add(self, space: int, role: str, module: str) -> None:
+        self.members.append((space, _Member(role, module)))
+
+    def visit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            if _is_tensor(node):
+                self.fix(self.new_space(node), "model input")
+        elif node.op == "output":
+            for argument in _tensor_args(node.args, self.space_of):
+                self.fix(self.space_of[argument], "model output")
+        elif node.op == "get_attr":
+            if _is_tensor(node):
+                self.fix(self.new_space(node), f"constant tensor {node.target!r}")
+        elif node.op == "call_module":
+            self.visit_module(node)
+        elif node.op in ("call_function", "call_method"):
+            self.visit_function(node)
+
+    def visit_module(self, node: fx.Node) -> None:
+        name = str(node.target)
+        module = self.traced.get_submodule(name)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] > 1 and _has_parameters(module):
+            raise UnsupportedModelError(
+                f"layer {name!r} ({type(module).__name__}) is called more than once; "
+                "channel pruning does not support weights shared between call sites"
+            )
+        source = self.single_tensor_input(node, name, module)
+
+        if isinstance(module, nn.Conv2d):
+            self.visit_conv(node, name, module, source)
+        elif isinstance(module, nn.Linear):
+            self.visit_linear(node, name, module, source)
+        elif isinstance(module, _BatchNorm):
+            _check_children(name, module)
+            self.add(self.same_space(node, source), "norm", name)
+        elif isinstance(module, ZERO_PRESERVING_MODULES):
+            self.same_space(node, source)
+        elif isinstance(module, nn.Flatten):
+            self.visit_flatten(node, source, f"layer {name!r}")
+        else:
+            raise UnsupportedModelError(
+                f"cannot prune through layer {name!r} ({type(module).__name__}): its effect on channels is "
+                "unknown. Supported: Conv2d, Linear, BatchNorm, element-wise activations that map 0 to 0, "
+                "pooling, Flatten, residual additions"
+            )
+
+    def single_tensor_input(self, node: fx.Node, name: str, module: nn.Module) -> fx.Node:
+        inputs = _tensor_args(node.args, self.space_of)
+        if len(inputs) != 1:
+            raise UnsupportedModelError(
+                f"layer {name!r} ({type(module).__name__}) takes {len(inputs)} tensor inputs; "
+                "channel pruning supports layers with one tensor input"
+            )
+        return inputs[0]
+
+    def visit_conv(self, node: fx.Node, name: str, conv: nn.Conv2d, source: fx.Node) -> None:
+        in_space = self.space_of[source]
+        output_positions = _spatial_size(node)
+        kernel_area = conv.kernel_size[0] * conv.kernel_size[1]
+        if conv.groups == 1:
+            out_space = self.new_space(node)
+            self.add(in_space, "consumer", name)
+            self.add(out_space, "producer", name)
+            kind = "conv"
+        elif conv.groups == conv.in_channels == conv.out_channels:
+            out_space = self.same_space(node, source)
+            self.add(out_space, "depthwise", name)
+            kind = "depthwise"
+        else:
+            out_space = self.new_space(node)
+            reason = f"grouped convolution {name!r} (groups={conv.groups})"
+            self.fix(in_space, reason)
+            self.fix(out_space, reason)
+            kind = "conv"
+        unit = kernel_area * output_positions / conv.groups
+        if kind == "depthwise":
+            unit = kernel_area * output_positions
+        self.layers.append((name, kind, in_space, out_space, conv.in_channels, conv.out_channels, unit))
+        self.mark_gate_point_if_unnormalised(node, name, out_space)
+
+    def visit_linear(self, node: fx.Node, name: str, linear: nn.Linear, source: fx.Node) -> None:
+        shape = _shape(source)
+        if shape is None or len(shape) != 2:
+            raise UnsupportedModelError(
+                f"layer {name!r} (Linear) reads a tensor of shape {shape}; channel pruning supports "
+                "linear layers on (batch, features) inputs only"
+            )
+        in_space = self.space_of[source]
+        out_space = self.new_space(node)
+        self.add(in_space, "consumer", name)
+        self.add(out_space, "producer", name)
+        self.layers.append((name, "linear", in_space, out_space, linear.in_features, linear.out_features, 1.0))
+        self.mark_gate_point_if_unnormalised(node, name, out_space)
+
+    def mark_gate_point_if_unnormalised(self, node: fx.Node, name: str, space: int) -> None:
+        # A layer followed only by a BatchNorm is gated after that BatchNorm (which
+        # would turn a zero back into its shift); any other layer is gated itself.
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            if isinstance(self.traced.get_submodule(str(users[0].target)), _BatchNorm):
+                return
+        self.add(space, "gate_point", name)
+
+    def visit_flatten(self, node: fx.Node, source: fx.Node, where: str) -> None:
+        in_shape, out_shape = _shape(source), _shape(node)
+        if in_shape is not None and out_shape is not None and len(out_shape) == 2 and out_shape[1] == in_shape[1]:
+            self.same_space(node, source)
+            return
+        space = self.new_space(node)
+        reason = f"flatten of a spatial map at {where}"
+        self.fix(space, reason)
+        self.fix(self.space_of[source], reason)
+
+    def visit_function(self, node: fx.Node) -> None:
+        if not _is_tensor(node):
+            return
+        target = node.target
+        inputs = _tensor_args(node.args, self.space_of) + _tensor_args(node.kwargs, self.space_of)
+        where = f"operation {node.name!r} ({_target_name(target)})"
+
+        if not inputs:
+            self.fix(self.new_space(node), f"tensor created at {where}")
+        elif target in ADD_TARGETS or (node.op == "call_method" and target in ("add", "add_")):
+            self.visit_add(node, inputs, where)
+        elif target in ZERO_PRESERVING_FUNCTIONS or (node.op == "call_method" and target in ZERO_PRESERVING_METHODS):
+            self.same_space(node, inputs[0])
+        elif target in FLATTEN_TARGETS or (node.op == "call_method" and target in ("flatten", "view", "reshape")):
+            self.visit_flatten(node, inputs[0], where)
+        elif (node.op == "call_method" and target == "mean") or target is torch.mean:
+            self.visit_reduction(node, inputs[0], where)
+        elif target is operator.getitem:
+            self.visit_getitem(node, inputs[0], where)
+        elif target is F.pad:
+            self.visit_pad(node, inputs[0], where)
+        else:
+            raise UnsupportedModelError(
+                f"cannot prune through {where}: its effect on channels is unknown. Supported operations: "
+                "residual additions, activations that map 0 to 0, pooling, flatten, mean over spatial "
+                "dimensions, spatial indexing and padding"
+            )
+
+    def visit_add(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
+        constants = [arg for arg in node.args if not isinstance(arg, fx.Node)]
+        space = self.same_space(node, inputs[0])
+        for other in inputs[1:]:
+            if _shape(other) != _shape(inputs[0]):
+                raise UnsupportedModelError(f"cannot prune through {where}: it adds tensors of different shapes")
+            space = self.spaces.union(space, self.space_of[other])
+        if any(constant != 0 for constant in constants):
+            self.fix(space, f"addition of a constant at {where}")
+
+    def visit_reduction(self, node: fx.Node, source: fx.Node, where: str) -> None:
+        in_shape, out_shape = _shape(source), _shape(node)
+        if in_shape and out_shape and len(out_shape) >= 2 and out_shape[1] == in_shape[1]:
+            self.same_space(node, source)
+            return
+        space = self.new_space(node)
+        self.fix(space, f"reduction over channels at {where}")
+        self.fix(self.space_of[source], f"reduction over channels at {where}")
+
+    def visit_getitem(self, node: fx.Node, source: fx.Node, where: str) -> None:
+        index = node.args[1]
+        items = index if isinstance(index, tuple) else (index,)
+        keeps_channels = len(items) < 2 or items[1] == slice(None)
+        if items and items[0] != slice(None):
+            keeps_channels = False
+        if keeps_channels:
+            self.same_space(node, source)
+            return
+        space = self.new_space(node)
+        self.fix(space, f"channel indexing at {where}")
+        self.fix(self.space_of[source], f"channel indexing at {where}")
+
+    def visit_pad(self, node: fx.Node, source: fx.Node, where: str) -> None:
+        padding = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        in_shape = _shape(source)
+        spatial_entries = 2 * (len(in_shape) - 2) if in_shape else 4
+        if len(padding) <= spatial_entries:
+            self.same_space(node, source)
+            return
+        space = self.new_space(node)
+        self.fix(space, f"channel padding at {where}")
+        self.fix(self.space_of[source], f"channel padding at {where}")
+
+    def build(self, input_shape: tuple[int, ...]) -> ChannelGraph:
+        for node in self.traced.graph.nodes:
+            self.visit(node)
+
+        index_of_root: dict[int, int] = {}
+        groups: list[ChannelGroup] = []
+
+        def group_of(space: int) -> ChannelGroup:
+            root = self.spaces.find(space)
+            if root not in index_of_root:
+                index_of_root[root] = len(groups)
+                groups.append(ChannelGroup(index=len(groups), channels=self.channels_of_space[root]))
+            return groups[index_of_root[root]]
+
+        for space, member in self.members:
+            group = group_of(space)
+            target = {
+                "producer": group.producers,
+                "consumer": group.consumers,
+                "depthwise": group.depthwise,
+                "norm": group.norms,
+                "gate_point": group.gate_points,
+            }[member.role]
+            target.append(member.module)
+        for space, reason in self.fixed:
+            group = group_of(space)
+            if group.fixed_reason is None:
+                group.fixed_reason = reason
+        for group in groups:
+            # Every BatchNorm in a group is gated: it turns a zero input channel into its shift.
+            group.gate_points = group.norms + [name for name in group.gate_points if name not in group.norms]
+
+        layers = [
+            LayerCost(name, kind, group_of(in_space).index, group_of(out_space).index, cin, cout, unit)
+            for name, kind, in_space, out_space, cin, cout, unit in self.layers
+        ]
+        return ChannelGraph(groups=groups, layers=layers, input_shape=input_shape)
+
+
+def build_channel_graph(net: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
+    """Trace ``net`` on ``example_input`` (a batch of one is enough) and group its coupled channels.
+
+    Raises :class:`UnsupportedModelError` naming the first layer or operation that
+    channel pruning cannot handle.
+    """
+    traced = trace(net)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(example_input.detach().to("cpu").float().contiguous())
+    finally:
+        net.train(was_training)
+    return _GraphBuilder(traced).build(tuple(example_input.shape))
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _channels(node: fx.Node) -> int:
+    shape = _shape(node)
+    if shape is None or len(shape) < 2:
+        return 1
+    return int(shape[1])
+
+
+def _spatial_size(node: fx.Node) -> int:
+    shape = _shape(node)
+    size = 1
+    for extent in shape[2:]:
+        size *= int(extent)
+    return size
+
+
+def _tensor_args(arguments, space_of: dict[fx.Node, int]) -> list[fx.Node]:
+    found: list[fx.Node] = []
+
+    def collect(value) -> None:
+        if isinstance(value, fx.Node):
+            if value in space_of:
+                found.append(value)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    collect(arguments)
+    return found
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _check_children(name: str, module: nn.Module) -> None:
+    # timm's BatchNormAct2d runs dropout and an activation inside the BatchNorm; they
+    # must map zero to zero like any other activation between gate and consumer.
+    for child_name, child in module.named_children():
+        if not isinstance(child, ZERO_PRESERVING_MODULES):
+            raise UnsupportedModelError(
+                f"cannot prune through layer {name!r} ({type(module).__name__}): its part {child_name!r} "
+                f"({type(child).__name__}) is not an activation that maps 0 to 0"
+            )
+
+
+def _target_name(target) -> str:
+    if isinstance(target, str):
+        return f"method {target}"
+    return getattr(target, "__name__", str(target))

@@ -1,0 +1,286 @@
+"""Channel pruning without training: graph, gates, extraction, optimizer state, saving, errors."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_modules.callbacks.flops import count_forward_cost
+from models import create_model
+from pruning import (
+    ChannelGates,
+    UnsupportedModelError,
+    binary_gate,
+    build_channel_graph,
+    dense_macs,
+    extract_subnetwork,
+    fit_masks_to_budget,
+    l1_norm_keep_masks,
+    load_pruned,
+    macs_from_counts,
+    polarization_regularizer,
+    remap_optimizer_state,
+    save_pruned,
+)
+
+FAMILIES = [
+    ("resnet20", {"shortcut": "A"}),
+    ("resnet20", {"shortcut": "B"}),
+    ("vgg11_bn", {}),
+    ("resnet18", {}),
+    ("mobilenetv2_050", {}),
+]
+
+
+def _randomised_model(name: str, kwargs: dict, seed: int = 0) -> nn.Module:
+    """Create a model whose BatchNorm layers have non-trivial statistics and affine parameters."""
+    torch.manual_seed(seed)
+    net = create_model(name, in_channels=3, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def _gated(net: nn.Module, closed_fraction: float = 0.5, seed: int = 0):
+    graph = build_channel_graph(net, torch.zeros(1, 3, 32, 32))
+    gates = ChannelGates(graph)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for score in gates.scores.values():
+            score.copy_((torch.rand(score.shape, generator=generator) > closed_fraction).float() * 0.8 + 0.1)
+    gates.attach(net)
+    return graph, gates
+
+
+def _kept_counts(masks: dict[int, torch.Tensor]) -> dict[int, float]:
+    return {index: float(mask.sum()) for index, mask in masks.items()}
+
+
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES, ids=lambda value: str(value))
+def test_extracted_output_matches_gated(name: str, kwargs: dict) -> None:
+    net = _randomised_model(name, kwargs)
+    graph, gates = _gated(net)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        gated_output = net(images)
+    masks = gates.keep_masks()
+    dense_parameters = sum(parameter.numel() for parameter in net.parameters())
+
+    gates.detach_from(net)
+    extract_subnetwork(net, graph, masks)
+    with torch.no_grad():
+        extracted_output = net(images)
+
+    assert not any(module._forward_hooks for module in net.modules())
+    assert torch.allclose(extracted_output, gated_output, atol=1e-5, rtol=0)
+    assert sum(parameter.numel() for parameter in net.parameters()) < dense_parameters
+    counted = count_forward_cost(net, images[:1]).macs
+    assert counted == pytest.approx(float(macs_from_counts(graph, _kept_counts(masks))), abs=0.5)
+    assert counted < dense_macs(graph)
+
+
+def test_fully_closed_group_stays_exact() -> None:
+    net = _randomised_model("resnet20", {"shortcut": "A"})
+    graph, gates = _gated(net)
+    first = str(graph.prunable_groups[0].index)
+    with torch.no_grad():
+        gates.scores[first].zero_()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gated_output = net(images)
+    masks = gates.keep_masks()
+    gates.detach_from(net)
+    extract_subnetwork(net, graph, masks)
+
+    assert net.get_submodule(graph.prunable_groups[0].producers[0]).out_channels == 1
+    with torch.no_grad():
+        assert torch.allclose(net(images), gated_output, atol=1e-5, rtol=0)
+
+
+def test_option_a_prunes_only_inside_blocks() -> None:
+    graph = build_channel_graph(create_model("resnet20", 3, 10, shortcut="A"), torch.zeros(1, 3, 32, 32))
+    prunable = {group.producers[0] for group in graph.prunable_groups}
+    assert prunable == {f"layer{stage}.{block}.conv1" for stage in (1, 2, 3) for block in range(3)}
+    stream = next(group for group in graph.groups if "conv1" in group.producers)
+    assert "padding" in stream.fixed_reason
+
+
+def test_option_b_prunes_residual_stream() -> None:
+    graph = build_channel_graph(create_model("resnet20", 3, 10, shortcut="B"), torch.zeros(1, 3, 32, 32))
+    stream = next(group for group in graph.groups if "layer2.0.shortcut.0" in group.producers)
+    assert stream.prunable
+    assert set(stream.producers) == {"layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2", "layer2.2.conv2"}
+    assert "layer3.0.conv1" in stream.consumers
+    assert "layer3.0.shortcut.0" in stream.consumers
+
+
+def test_depthwise_convolution_is_coupled() -> None:
+    graph = build_channel_graph(create_model("mobilenetv2_050", 3, 10), torch.zeros(1, 3, 32, 32))
+    group = next(group for group in graph.groups if "blocks.1.0.conv_dw" in group.depthwise)
+    assert group.producers == ["blocks.1.0.conv_pw"]
+    assert group.consumers == ["blocks.1.0.conv_pwl"]
+    assert set(group.norms) == {"blocks.1.0.bn1", "blocks.1.0.bn2"}
+
+
+def test_polarization_regularizer_hand_computed() -> None:
+    scores = torch.tensor([0.0, 0.25, 1.0, 0.75])
+    # mean 0.5; t * sum|s| = 1.2 * 2.0 = 2.4; sum|s - mean| = 0.5 + 0.25 + 0.5 + 0.25 = 1.5.
+    assert polarization_regularizer(scores, t=1.2).item() == pytest.approx(0.9)
+    assert polarization_regularizer(torch.tensor([1.0, 0.0]), t=1.0).item() == pytest.approx(0.0)
+
+
+def test_binary_gate_passes_gradient_straight_through() -> None:
+    scores = torch.tensor([0.2, 0.5, 0.51, 0.9], requires_grad=True)
+    gate = binary_gate(scores)
+    (gate * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert gate.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert scores.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_flops_estimate_weights_resolution() -> None:
+    graph = build_channel_graph(create_model("resnet20", 3, 10), torch.zeros(1, 3, 32, 32))
+    gates = ChannelGates(graph)
+    dense = dense_macs(graph)
+    kept = macs_from_counts(graph, gates.kept_counts(straight_through=True))
+    kept.backward()
+    first_stage = gates.scores[str(graph.prunable_groups[0].index)].grad
+    last_stage = gates.scores[str(graph.prunable_groups[-1].index)].grad
+    assert kept.item() == pytest.approx(dense)
+    # An inner channel of a block costs 2 * 9 * (channels around it) * (output positions):
+    # 16 channels at 32x32 in the first stage, 64 channels at 8x8 in the last.
+    assert first_stage[0].item() == pytest.approx(2 * 9 * 16 * 32 * 32)
+    assert last_stage[0].item() == pytest.approx(2 * 9 * 64 * 8 * 8)
+
+
+def test_optimizer_state_valid_after_extraction() -> None:
+    net = _randomised_model("resnet20", {"shortcut": "B"}).train()
+    graph, gates = _gated(net)
+    optimizers = [
+        torch.optim.SGD(
+            [{"params": net.parameters()}, {"params": gates.parameters(), "lr": 0.5}], lr=0.1, momentum=0.9
+        ),
+        torch.optim.AdamW([{"params": net.parameters()}, {"params": gates.parameters()}], lr=1e-3),
+    ]
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for optimizer in optimizers:
+        nn.functional.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    conv = net.layer1[0].conv1
+    old_weight = conv.weight
+    old_momentum = optimizers[0].state[old_weight]["momentum_buffer"].clone()
+    masks = gates.keep_masks()
+    # layer1.0.conv1 writes a block-internal group and reads the residual stream: both prunable here.
+    output_group = next(group for group in graph.prunable_groups if "layer1.0.conv1" in group.producers)
+    input_group = next(group for group in graph.prunable_groups if "layer1.0.conv1" in group.consumers)
+    kept_outputs = torch.nonzero(masks[output_group.index]).flatten()
+    kept_inputs = torch.nonzero(masks[input_group.index]).flatten()
+
+    gates.detach_from(net)
+    extraction = extract_subnetwork(net, graph, masks)
+    for optimizer in optimizers:
+        remap_optimizer_state(optimizer, extraction, removed=set(gates.parameters()))
+
+    expected_momentum = old_momentum[kept_outputs][:, kept_inputs]
+    assert torch.equal(optimizers[0].state[conv.weight]["momentum_buffer"], expected_momentum)
+    parameters = set(net.parameters())
+    for optimizer in optimizers:
+        assert optimizer.param_groups[1]["params"] == []
+        for parameter in optimizer.param_groups[0]["params"]:
+            assert parameter in parameters
+            for value in optimizer.state[parameter].values():
+                if value.ndim:
+                    assert value.shape == parameter.shape
+        nn.functional.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [FAMILIES[0], FAMILIES[4]], ids=["resnet20-A", "mobilenetv2_050"])
+def test_pruned_model_round_trips(name: str, kwargs: dict, tmp_path: Path) -> None:
+    net = _randomised_model(name, kwargs)
+    graph, gates = _gated(net)
+    masks = gates.keep_masks()
+    gates.detach_from(net)
+    extract_subnetwork(net, graph, masks)
+    path = save_pruned(tmp_path / "pruned.pt", net, report={"flops_reduction": 0.5})
+
+    payload = torch.load(path, weights_only=True)
+    loaded = load_pruned(path)
+
+    assert payload["model"]["name"] == name
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+    for key, value in net.state_dict().items():
+        assert loaded.state_dict()[key].shape == value.shape
+
+
+def test_load_rejects_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="not a pruned model"):
+        load_pruned(path)
+
+
+def test_l1_masks_meet_budget() -> None:
+    net = create_model("resnet20", 3, 10, shortcut="B")
+    graph = build_channel_graph(net, torch.zeros(1, 3, 32, 32))
+    masks = l1_norm_keep_masks(net, graph, flops_reduction=0.5)
+    reduction = 1 - float(macs_from_counts(graph, _kept_counts(masks))) / dense_macs(graph)
+    assert 0.5 <= reduction < 0.55
+
+
+def test_fit_masks_to_budget_closes_lowest_scores() -> None:
+    graph = build_channel_graph(create_model("resnet20", 3, 10), torch.zeros(1, 3, 32, 32))
+    scores = {group.index: torch.linspace(0.6, 1.0, group.channels) for group in graph.prunable_groups}
+    masks = fit_masks_to_budget(graph, scores, flops_reduction=0.3, tolerance=0.02)
+    reduction = 1 - float(macs_from_counts(graph, _kept_counts(masks))) / dense_macs(graph)
+    assert 0.3 <= reduction <= 0.32
+    for mask in masks.values():
+        if not mask.all():
+            assert not mask[0]
+
+    scores = {group.index: torch.linspace(0.0, 0.4, group.channels) for group in graph.prunable_groups}
+    masks = fit_masks_to_budget(graph, scores, flops_reduction=0.3, tolerance=0.02)
+    reduction = 1 - float(macs_from_counts(graph, _kept_counts(masks))) / dense_macs(graph)
+    assert 0.3 <= reduction <= 0.32
+
+
+class _ChannelLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+class _Sigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sigmoid(self.conv(x)).mean((2, 3)))
+
+
+def test_unsupported_layer_is_named() -> None:
+    with pytest.raises(UnsupportedModelError, match="layer 'norm' \\(GroupNorm\\)"):
+        build_channel_graph(_ChannelLayerNorm(), torch.zeros(1, 3, 8, 8))
+
+
+def test_unsupported_operation_is_named() -> None:
+    with pytest.raises(UnsupportedModelError, match="'sigmoid'"):
+        build_channel_graph(_Sigmoid(), torch.zeros(1, 3, 8, 8))
