@@ -4,7 +4,9 @@ With no argument this runs the embedded default on scikit-learn's handwritten
 digits, on the CPU, in a few minutes. See README.md for experiments and config groups.
 """
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,13 +16,24 @@ from omegaconf import DictConfig
 # run behaves the same from any working directory.
 os.environ["LEANLIGHT_ROOT"] = str(Path(__file__).resolve().parent)
 
+log = logging.getLogger("train")
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run the training task; return the metric a Hydra sweeper optimises, if any."""
     from lightning_modules.training import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        # leanlight raises these for input a user can fix, with the value and the fix in
+        # the message; a traceback would bury it. HYDRA_FULL_ERROR=1 shows the traceback.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 to see the traceback)", type(error).__name__, error)
+        sys.exit(1)
+
     objective = cfg.get("optimized_metric")
     return summary.get(objective) if objective else None
 

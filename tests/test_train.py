@@ -229,3 +229,13 @@ def test_steps_per_epoch_need_finite_loader() -> None:
     trainer = SimpleNamespace(num_training_batches=float("inf"), accumulate_grad_batches=1)
     with pytest.raises(ValueError, match="scheduler.name=none"):
         optimizer_steps_per_epoch(trainer)
+
+
+def test_command_line_error_is_one_message(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROOT / "train.py"), "data.batch_size=-3", "logger=none", f"paths.log_dir={tmp_path}"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "batch_size=-3 is invalid" in output
+    assert "Traceback" not in output
