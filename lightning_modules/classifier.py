@@ -70,12 +70,12 @@ class ClassifierModule(LightningModule):
         self.channels_last = channels_last
         self.decay_norm_and_bias = decay_norm_and_bias
 
-        top_k = min(5, num_classes)
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.val_accuracy_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        self.test_accuracy_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        # With 5 classes or fewer, top-5 accuracy is always 1 and is not reported.
+        self.val_accuracy_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
+        self.test_accuracy_top5 = MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes > 5 else None
 
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -118,17 +118,18 @@ class ClassifierModule(LightningModule):
         batch: tuple[torch.Tensor, torch.Tensor],
         split: str,
         accuracy: MulticlassAccuracy,
-        accuracy_top5: MulticlassAccuracy,
+        accuracy_top5: MulticlassAccuracy | None,
     ) -> None:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
 
         accuracy(logits, labels)
-        accuracy_top5(logits, labels)
         self.log(f"{split}/loss", loss, prog_bar=False, batch_size=len(labels), sync_dist=True)
         self.log(f"{split}/acc", accuracy, prog_bar=True, batch_size=len(labels))
-        self.log(f"{split}/acc_top5", accuracy_top5, batch_size=len(labels))
+        if accuracy_top5 is not None:
+            accuracy_top5(logits, labels)
+            self.log(f"{split}/acc_top5", accuracy_top5, batch_size=len(labels))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self._parameter_groups())

@@ -239,3 +239,16 @@ def test_command_line_error_is_one_message(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "batch_size=-3 is invalid" in output
     assert "Traceback" not in output
+
+
+def test_top5_only_above_five_classes() -> None:
+    from functools import partial
+
+    from lightning_modules.classifier import ClassifierModule
+
+    def make(num_classes: int) -> ClassifierModule:
+        optimizer = partial(torch.optim.SGD, lr=0.1)
+        return ClassifierModule(torch.nn.Linear(4, num_classes), optimizer, {"name": "none"}, num_classes)
+
+    assert make(3).test_accuracy_top5 is None
+    assert make(10).test_accuracy_top5 is not None
