@@ -468,6 +468,27 @@ class PruningReportCallback(L.Callback):
         """Return target and achieved FLOPs and parameter reductions, and where the outputs are, for the run summary."""
         return {key: value for key, value in self.report.items() if value is not None and not _is_nan(value)}
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """Return the pruning lines of the terminal summary: reductions against the target, and the saved files."""
+        report = self.report
+        if "pruning_flops_reduction" not in report:
+            return []
+        achieved, target = report["pruning_flops_reduction"], report["pruning_flops_reduction_target"]
+        dense_macs_text = f"{report['pruning_dense_macs_per_sample'] / 1e6:.3f} M MACs"
+        rows = [
+            ("FLOPs reduction", f"{100 * achieved:.1f} % (target {100 * target:.1f} %; dense {dense_macs_text})"),
+            (
+                "parameter reduction",
+                f"{100 * report['pruning_params_reduction']:.1f} % (dense {report['pruning_dense_params']:,})",
+            ),
+            ("gates frozen at epoch", str(report["pruning_freeze_epoch"])),
+        ]
+        if "pruning_channels_table" in report:
+            rows.append(("kept channels per layer", report["pruning_channels_table"]))
+        if "pruning_model_path" in report:
+            rows.append(("pruned model", f"{report['pruning_model_path']} (pruning.load_pruned)"))
+        return rows
+
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)

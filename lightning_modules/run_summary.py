@@ -13,6 +13,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: float, output_dir: Path) -> dict[str, Any]:
     """Gather final metrics, the callbacks' ``summary()`` entries, wall time and output locations.
 
+    A callback may also have ``summary_rows()``, returning ``(label, text)`` pairs that the
+    terminal summary shows under the cost figures (a technique's own results, for example).
+    They are stored under ``"technique_rows"``.
     ``loggers`` are the run's own loggers: under ``fast_dev_run`` the trainer replaces them with a stand-in.
     """
     summary: dict[str, Any] = {}
@@ -23,6 +26,8 @@ def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: floa
     for callback in trainer.callbacks:
         if hasattr(callback, "summary"):
             summary.update(callback.summary())
+        if hasattr(callback, "summary_rows"):
+            summary.setdefault("technique_rows", []).extend([list(row) for row in callback.summary_rows()])
 
     summary["wall_time_s"] = wall_time_s
     summary["output_dir"] = str(output_dir)
@@ -61,6 +66,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "macs_per_sample" in summary:
         rows.append(("MACs per sample", _si(summary["macs_per_sample"]) + " MACs"))
         rows.append(("FLOPs per sample", _si(summary["flops_per_sample"]) + " FLOPs (2 per MAC; conv and linear)"))
+    rows.extend((str(label), str(text)) for label, text in summary.get("technique_rows", []))
     if "estimated_inference_energy_uj" in summary:
         rows.append(("estimated energy/inference", f"{summary['estimated_inference_energy_uj']:.4g} uJ"))
         rows.append(("  constants", summary["estimated_energy_constants"]))

@@ -107,7 +107,9 @@ def plot_gate_histograms(history: list[tuple[int, np.ndarray]], path: Path) -> P
     for position in shown:
         line_axis.step(centers, counts[position], where="mid", label=f"epoch {epochs[position]}")
     line_axis.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
-    line_axis.set_yscale("symlog")
+    # symlog keeps empty bins drawable (log would drop zeros); counts are never negative.
+    line_axis.set_yscale("symlog", linthresh=1.0)
+    line_axis.set_ylim(bottom=0.0)
     line_axis.set_xlabel("gate score")
     line_axis.set_ylabel("channels")
     line_axis.set_title("gate-score histograms")

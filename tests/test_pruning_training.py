@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from lightning_modules.run_summary import format_summary
 from lightning_modules.training import train
 from pruning import load_pruned
 from tests.conftest import ComposeConfig
@@ -41,6 +42,10 @@ def test_run_meets_flops_target(compose_config: ComposeConfig, tmp_path: Path) -
     assert "fewer MACs" in (folder / "channels.txt").read_text()
     loaded = load_pruned(folder / "pruned_model.pt")
     assert sum(parameter.numel() for parameter in loaded.parameters()) == summary["params"]
+
+    terminal = {line.split("  ")[1]: line.split("  ")[-1].strip() for line in format_summary(summary).splitlines()[2:]}
+    assert terminal["FLOPs reduction"].startswith(f"{100 * summary['pruning_flops_reduction']:.1f} % (target 50.0 %")
+    assert terminal["pruned model"].startswith(str(folder / "pruned_model.pt"))
 
 
 def test_fit_start_counts_dense_network(compose_config: ComposeConfig) -> None:
