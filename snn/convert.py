@@ -1,0 +1,229 @@
+"""ANN-to-SNN conversion of the shared CIFAR VGG (``vgg11_bn``, ``vgg16_bn``).
+
+Supported: :class:`models.vgg.CifarVGG` and any model of the same layout, a
+``features`` ``nn.Sequential`` of ``Conv2d`` [``BatchNorm2d``] ``ReLU`` groups and
+``MaxPool2d`` layers, then ``pool`` (global average pooling) and one ``classifier``
+``nn.Linear``. Each ReLU becomes an :class:`snn.neuron.IIRLIFNode`.
+
+Not supported: the CIFAR ResNets (``resnet20`` ... ``resnet110``). Their blocks add
+the shortcut to the second convolution's output before the ReLU, which this chain of
+spiking layers cannot express. They also call ``F.relu`` inside ``forward``, so no
+module marks where a neuron belongs. :func:`convert_vgg_to_snn` raises a ``ValueError``
+that names the first residual block.
+
+Conversion, with the weights of the trained ANN:
+
+1. Fold each BatchNorm into the preceding convolution (running statistics, so the
+   ANN's eval-mode function is kept).
+2. Run the folded ANN on a calibration batch and take, for each layer l, the
+   ``percentile``-th percentile ``lambda_l`` of its positive pre-activations.
+3. Set the threshold of layer l to ``lambda_l`` and multiply the weights of the next
+   synaptic layer by ``lambda_l``. A spike then represents an activation of
+   ``lambda_l``, so each layer's mean input current approximates the ANN's
+   pre-activation, and activations above ``lambda_l`` are clipped. The leaks start
+   at 1 (integrate-and-fire).
+
+IIR-SNN's own code (``vgg_spiking_bnfused_biasyes.py``) sets each threshold from a
+percentile, 90 by default, of the spiking network's input current, taking the maximum
+over the timesteps and calibrating one layer after another. The thresholds here come
+from the ANN, in one pass, and do not depend on T.
+
+Each ``MaxPool2d`` becomes a :class:`snn.network.RateGatedMaxPool2d`, which passes
+the spikes of the window's most active input. Plain max-pooling of spikes fires when
+any input fires. With the digits VGG of ``tests/test_snn.py`` (one CPU thread), it made
+the converted network less accurate at T=64 than at T=8: 93% and 96%, against 99% for
+the ANN. With the gated pooling, T=64 reaches 99%.
+"""
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from spikingjelly.activation_based import layer
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from models.cifar_resnet import BasicBlock
+from snn.network import RateGatedMaxPool2d, SpikeReadout, SpikingNetwork
+from snn.neuron import IIRLIFNode
+
+DEFAULT_PERCENTILE = 99.7
+
+
+@dataclass
+class _ConvStage:
+    """One convolution with BatchNorm folded in, its ReLU, and the pooling layers after it."""
+
+    name: str
+    conv: nn.Conv2d
+    pools: list[nn.Module] = field(default_factory=list)
+
+
+def fold_batchnorm(conv: nn.Conv2d, batchnorm: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a new convolution, with a bias, that computes ``batchnorm(conv(x))`` with the running statistics.
+
+    Neither argument is changed, whatever its training mode.
+    """
+    return fuse_conv_bn_eval(copy.deepcopy(conv).eval(), copy.deepcopy(batchnorm).eval())
+
+
+def convert_vgg_to_snn(
+    model: nn.Module,
+    calibration_images: torch.Tensor,
+    timesteps: int = 5,
+    percentile: float = DEFAULT_PERCENTILE,
+    output_reduction: str = "mean",
+) -> SpikingNetwork:
+    """Convert a trained VGG with BatchNorm into a :class:`SpikingNetwork` with IIR-SNN neurons.
+
+    Args:
+        model: a :class:`models.vgg.CifarVGG`, or a model of the same layout. It is not changed.
+        calibration_images: a batch ``[N, C, H, W]``, prepared as for the ANN, whose
+            pre-activations set the thresholds. IIR-SNN's code calibrates on 512 training images.
+        timesteps: T of the returned network (``set_timesteps`` changes it later).
+        percentile: percentile in (0, 100] of each layer's positive pre-activations
+            that becomes its threshold. 100 takes the maximum.
+        output_reduction: ``"mean"`` or ``"sum"`` of the readout over timesteps.
+
+    Returns the network on the model's device, in eval mode.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    if calibration_images.dim() != 4 or calibration_images.shape[0] == 0:
+        raise ValueError(
+            f"calibration_images must be a non-empty batch [N, C, H, W], got shape {tuple(calibration_images.shape)}"
+        )
+
+    stages, classifier = _parse_vgg(model)
+    device = classifier.weight.device
+    thresholds = _calibrate_thresholds(stages, calibration_images.to(device), percentile)
+
+    layers: list[nn.Module] = []
+    encoder: nn.Module | None = None
+    input_scale = 1.0  # The image is analog, so the first layer's weights keep their scale.
+    for index, (stage, threshold) in enumerate(zip(stages, thresholds, strict=True)):
+        conv = stage.conv
+        with torch.no_grad():
+            conv.weight.mul_(input_scale)
+        if index == 0:
+            encoder = conv
+        else:
+            layers.append(layer.SeqToANNContainer(conv))
+        layers.append(IIRLIFNode(threshold=threshold, leak=1.0))
+        layers.extend(_spiking_max_pool(pool) for pool in stage.pools)
+        input_scale = threshold
+
+    readout_classifier = copy.deepcopy(classifier)
+    with torch.no_grad():
+        readout_classifier.weight.mul_(input_scale)
+
+    network = SpikingNetwork(
+        encoder=encoder,
+        features=nn.Sequential(*layers),
+        readout=SpikeReadout(readout_classifier),
+        timesteps=timesteps,
+        output_reduction=output_reduction,
+    )
+    return network.to(device).eval()
+
+
+def _spiking_max_pool(pool: nn.MaxPool2d) -> RateGatedMaxPool2d:
+    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        raise ValueError(f"cannot convert {pool!r}, because only max-pooling without dilation or indices is supported")
+    return RateGatedMaxPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
+
+
+def _parse_vgg(model: nn.Module) -> tuple[list[_ConvStage], nn.Linear]:
+    """Split a VGG into convolution stages (BatchNorm folded, modules copied) and its classifier."""
+    _reject_residual_networks(model)
+    model_name = type(model).__name__
+    features = getattr(model, "features", None)
+    pool = getattr(model, "pool", None)
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(features, nn.Sequential) or not isinstance(classifier, nn.Linear):
+        raise ValueError(
+            f"cannot convert {model_name}, because ANN-to-SNN conversion needs the CifarVGG layout: a 'features' "
+            "nn.Sequential, a global average 'pool' and a 'classifier' nn.Linear (models vgg11_bn, vgg16_bn)"
+        )
+    if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
+        raise ValueError(f"cannot convert {model_name}.pool ({pool!r}), because it is not nn.AdaptiveAvgPool2d(1)")
+
+    stages: list[_ConvStage] = []
+    modules = list(features.named_children())
+    index = 0
+    while index < len(modules):
+        name, module = modules[index]
+        if isinstance(module, nn.Conv2d):
+            stage, index = _parse_conv_group(modules, index)
+            stages.append(stage)
+        elif isinstance(module, nn.MaxPool2d) and stages:
+            stages[-1].pools.append(copy.deepcopy(module))
+            index += 1
+        elif isinstance(module, nn.MaxPool2d):
+            raise ValueError(f"cannot convert features.{name} (MaxPool2d), because features must start with a Conv2d")
+        else:
+            raise ValueError(
+                f"cannot convert features.{name} ({type(module).__name__}), because VGG features may contain "
+                "only Conv2d, BatchNorm2d, ReLU and MaxPool2d"
+            )
+    if not stages:
+        raise ValueError(f"cannot convert {model_name}, because its features contain no Conv2d")
+    return stages, classifier
+
+
+def _parse_conv_group(modules: list[tuple[str, nn.Module]], index: int) -> tuple[_ConvStage, int]:
+    """Read ``Conv2d [BatchNorm2d] ReLU`` from ``modules[index]`` and return the stage and the index after the ReLU."""
+    conv_name, conv = modules[index]
+    index += 1
+    if index < len(modules) and isinstance(modules[index][1], nn.BatchNorm2d):
+        folded = fold_batchnorm(conv, modules[index][1])
+        index += 1
+    else:
+        folded = copy.deepcopy(conv).eval()
+    if index >= len(modules) or not isinstance(modules[index][1], nn.ReLU):
+        found = type(modules[index][1]).__name__ if index < len(modules) else "the end of features"
+        raise ValueError(
+            f"cannot convert features.{conv_name}, because a convolution must be followed by [BatchNorm2d and] "
+            f"ReLU, which becomes the spiking neuron, but found {found}"
+        )
+    return _ConvStage(name=f"features.{conv_name}", conv=folded), index + 1
+
+
+def _reject_residual_networks(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        # CifarResNet's blocks are BasicBlocks. A "shortcut" attribute marks other residual blocks.
+        if isinstance(module, BasicBlock) or hasattr(module, "shortcut"):
+            model_name = type(model).__name__
+            raise ValueError(
+                f"cannot convert {model_name}, because residual block {name!r} ({type(module).__name__}) adds its "
+                "shortcut before the ReLU, which the chain of spiking layers cannot express. ANN-to-SNN conversion "
+                "supports the VGG models (vgg11_bn, vgg16_bn) only"
+            )
+
+
+@torch.no_grad()
+def _calibrate_thresholds(stages: list[_ConvStage], images: torch.Tensor, percentile: float) -> list[float]:
+    """Return each stage's threshold: the percentile of its positive pre-activations on ``images``."""
+    thresholds = []
+    activations = images
+    for stage in stages:
+        pre_activation = stage.conv(activations)
+        positive = pre_activation[pre_activation > 0]
+        if positive.numel() == 0:
+            raise ValueError(
+                f"{stage.name} has no positive pre-activation on the {len(images)} calibration images, so "
+                "its threshold cannot be set. Calibrate with more images, or check that the ANN is trained"
+            )
+        thresholds.append(_percentile(positive, percentile))
+        activations = torch.relu(pre_activation)
+        for pool in stage.pools:
+            activations = pool(activations)
+    return thresholds
+
+
+def _percentile(values: torch.Tensor, percentile: float) -> float:
+    # Nearest rank. torch.quantile rejects inputs of more than 2**24 elements, which the first
+    # VGG layer's 64 x 32 x 32 pre-activations per image reach on 512 CIFAR images.
+    rank = max(1, math.ceil(percentile / 100 * values.numel()))
+    return values.flatten().kthvalue(rank).values.item()

@@ -1,0 +1,342 @@
+"""Spiking networks: the IIR-SNN neuron, VGG conversion, the network wrapper and spike statistics."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from spikingjelly.activation_based import layer
+
+from lightning_modules.callbacks.energy import estimate_inference_energy, operation_counts_of
+from lightning_modules.callbacks.flops import count_forward_cost
+from models import create_model
+from models.vgg import CifarVGG
+from snn import (
+    IIRLIFNode,
+    SpikeReadout,
+    SpikingNetwork,
+    TriangleSurrogate,
+    convert_vgg_to_snn,
+    fold_batchnorm,
+    measure_spike_statistics,
+    register_leak_clamp,
+    spiking_neurons,
+)
+from snn.network import RateGatedMaxPool2d
+
+# A VGG with the shared model's layout, small enough to train on 8x8 digits in seconds.
+DIGITS_LAYOUT: list[int | str] = [16, "M", 32, "M", 64]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return train images, train labels, test images and test labels of scikit-learn's digits, scaled to [0, 1]."""
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(data.target)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    return images[:1400], labels[:1400], images[1400:], labels[1400:]
+
+
+@pytest.fixture(scope="module")
+def trained_vgg(digits) -> CifarVGG:
+    """Return a small CifarVGG trained for six epochs on the digits (about 2 s on one CPU thread)."""
+    train_images, train_labels, _, _ = digits
+    torch.manual_seed(0)
+    model = CifarVGG(DIGITS_LAYOUT, in_channels=1, num_classes=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(6):
+        for start in range(0, len(train_images), 64):
+            loss = F.cross_entropy(model(train_images[start : start + 64]), train_labels[start : start + 64])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(images).argmax(dim=1) == labels).float().mean().item()
+
+
+def _two_layer_network() -> SpikingNetwork:
+    """Return a network whose spikes on ``torch.ones(N, 1, 1, 3)`` at T=4 are worked out by hand.
+
+    The encoder (1x1 convolution) gives a current of 2.0 to channel 0 and 0.75 to channel 1.
+    With threshold 1, channel 0 fires at every timestep and channel 1 at timesteps 1 and 2
+    (membrane potential 0.75, 1.5, 1.25, 1.0; a spike needs u / threshold - 1 > 0).
+    The 3x3 convolution passes channel 0's spike at the same pixel, a current of 1.0; with
+    threshold 1.5 the second neuron layer fires at timesteps 1 and 3 (u = 1, 2, 1.5, 2.5).
+    """
+    encoder = nn.Conv2d(1, 2, kernel_size=1, bias=False)
+    hidden = nn.Conv2d(2, 1, kernel_size=3, padding=1, bias=False)
+    with torch.no_grad():
+        encoder.weight.copy_(torch.tensor([2.0, 0.75]).view(2, 1, 1, 1))
+        hidden.weight.zero_()
+        hidden.weight[0, 0, 1, 1] = 1.0
+    features = nn.Sequential(IIRLIFNode(threshold=1.0), layer.SeqToANNContainer(hidden), IIRLIFNode(threshold=1.5))
+    return SpikingNetwork(encoder, features, SpikeReadout(nn.Linear(1, 3)), timesteps=4)
+
+
+def test_neuron_soft_reset_spike_train() -> None:
+    node = IIRLIFNode(threshold=1.0)
+    spikes = node(torch.full((4, 1), 0.75))
+    assert spikes.flatten().tolist() == [0.0, 1.0, 1.0, 0.0]
+    # 0.75 + 0.75 - 1 + 0.75 - 1 + 0.75: the threshold is subtracted, not reset to zero.
+    assert node.v.item() == pytest.approx(1.0)
+
+
+def test_neuron_leak_scales_membrane_potential() -> None:
+    node = IIRLIFNode(threshold=10.0, leak=0.5)
+    node(torch.ones(3, 1))
+    # u = 1, then 0.5 * 1 + 1, then 0.5 * 1.5 + 1.
+    assert node.v.item() == pytest.approx(1.75)
+
+
+def test_neuron_rejects_invalid_parameters() -> None:
+    with pytest.raises(ValueError, match="threshold must be finite and > 0"):
+        IIRLIFNode(threshold=0.0)
+    with pytest.raises(ValueError, match="leak must be in"):
+        IIRLIFNode(leak=1.5)
+
+
+def test_triangle_surrogate_gradient() -> None:
+    x = torch.tensor([-1.5, -0.5, 0.0, 0.5, 1.0, 2.0], requires_grad=True)
+    spikes = TriangleSurrogate()(x)
+    spikes.sum().backward()
+    assert spikes.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert x.grad.tolist() == pytest.approx([0.0, 0.15, 0.3, 0.15, 0.0, 0.0])
+
+
+def test_triangle_primitive_derivative_is_surrogate() -> None:
+    x = torch.linspace(-1.5, 1.5, 31, dtype=torch.float64, requires_grad=True)
+    TriangleSurrogate(spiking=False)(x).sum().backward()
+    expected = 0.3 * torch.clamp(1 - x.detach().abs(), min=0)
+    assert torch.allclose(x.grad, expected)
+
+
+def test_neuron_multi_step_output_shape() -> None:
+    node = IIRLIFNode()
+    spikes = node(torch.randn(5, 2, 3, 4, 4))
+    assert spikes.shape == (5, 2, 3, 4, 4)
+
+
+def test_network_output_shapes() -> None:
+    network = _two_layer_network()
+    images = torch.ones(2, 1, 1, 3)
+    assert network.forward_timesteps(images).shape == (4, 2, 3)
+    assert network(images).shape == (2, 3)
+
+
+def test_network_output_is_timestep_mean() -> None:
+    network = _two_layer_network()
+    images = torch.ones(2, 1, 1, 3)
+    per_timestep = network.forward_timesteps(images)
+    assert torch.allclose(network(images), per_timestep.mean(dim=0))
+    network.output_reduction = "sum"
+    assert torch.allclose(network(images), per_timestep.sum(dim=0))
+
+
+def test_network_rejects_invalid_timesteps() -> None:
+    network = _two_layer_network()
+    with pytest.raises(ValueError, match="timesteps must be an integer >= 1"):
+        network.set_timesteps(0)
+
+
+def test_same_input_twice_gives_identical_logits(trained_vgg, digits) -> None:
+    train_images, _, test_images, _ = digits
+    network = convert_vgg_to_snn(trained_vgg, train_images[:128], timesteps=6)
+    first = network(test_images[:16])
+    second = network(test_images[:16])
+    assert torch.equal(first, second)
+
+
+def test_state_is_reset_after_forward(trained_vgg, digits) -> None:
+    train_images, _, test_images, _ = digits
+    network = convert_vgg_to_snn(trained_vgg, train_images[:128], timesteps=3)
+    network(test_images[:4])
+    for name, node in spiking_neurons(network):
+        assert torch.as_tensor(node.v).eq(0).all(), f"membrane potential of {name} was not reset"
+
+
+def test_fold_batchnorm_keeps_function() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    batchnorm = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        batchnorm.running_mean.uniform_(-1, 1)
+        batchnorm.running_var.uniform_(0.5, 2)
+        batchnorm.weight.uniform_(0.5, 1.5)
+        batchnorm.bias.uniform_(-1, 1)
+    batchnorm.eval()
+    images = torch.randn(2, 3, 8, 8)
+    folded = fold_batchnorm(conv, batchnorm)
+    assert torch.allclose(folded(images), batchnorm(conv(images)), atol=1e-5)
+
+
+def test_conversion_approaches_ann_accuracy(trained_vgg, digits) -> None:
+    train_images, _, test_images, test_labels = digits
+    ann_accuracy = _accuracy(trained_vgg, test_images, test_labels)
+    network = convert_vgg_to_snn(trained_vgg, train_images[:256], timesteps=64)
+    snn_accuracy = _accuracy(network, test_images, test_labels)
+    assert ann_accuracy > 0.95, "the ANN did not train; the conversion check needs a trained ANN"
+    assert snn_accuracy >= ann_accuracy - 0.02
+
+
+def test_conversion_thresholds_are_percentiles(trained_vgg, digits) -> None:
+    train_images = digits[0][:256]
+    network = convert_vgg_to_snn(trained_vgg, train_images, timesteps=4, percentile=99.7)
+    first_conv = fold_batchnorm(trained_vgg.features[0], trained_vgg.features[1])
+    with torch.no_grad():
+        pre_activation = first_conv(train_images)
+    positive = pre_activation[pre_activation > 0]
+    threshold = spiking_neurons(network)[0][1].threshold.item()
+    # The 99.7th percentile by nearest rank: less than 99.7% of the values lie below it,
+    # and at least 99.7% lie at or below it (up to rounding of 0.997 * count).
+    assert (positive < threshold).float().mean().item() < 0.997 + 1e-6
+    assert (positive <= threshold).float().mean().item() >= 0.997 - 1e-6
+    for name, node in spiking_neurons(network):
+        assert node.leak.item() == 1.0, f"leak of {name} does not start at 1"
+
+
+def test_converted_network_is_vgg_sized(trained_vgg, digits) -> None:
+    network = convert_vgg_to_snn(trained_vgg, digits[0][:64], timesteps=2)
+    # Three convolutions give three neuron layers and two max-pooling layers.
+    assert len(spiking_neurons(network)) == 3
+    assert sum(isinstance(module, RateGatedMaxPool2d) for module in network.modules()) == 2
+
+
+def test_vgg16_converts() -> None:
+    model = create_model("vgg16_bn", in_channels=3, num_classes=10).eval()
+    network = convert_vgg_to_snn(model, torch.rand(4, 3, 32, 32), timesteps=1)
+    assert len(spiking_neurons(network)) == 13
+    assert network(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet_conversion_names_residual_block() -> None:
+    model = create_model("resnet20", in_channels=3, num_classes=10)
+    with pytest.raises(ValueError, match="residual block 'layer1.0' \\(BasicBlock\\)"):
+        convert_vgg_to_snn(model, torch.rand(2, 3, 32, 32))
+
+
+def test_threshold_and_leak_receive_gradients(trained_vgg, digits) -> None:
+    train_images, train_labels, _, _ = digits
+    network = convert_vgg_to_snn(trained_vgg, train_images[:128], timesteps=5).train()
+    loss = F.cross_entropy(network(train_images[:32]), train_labels[:32])
+    loss.backward()
+    for name, node in spiking_neurons(network):
+        assert node.threshold.grad is not None, f"no threshold gradient in {name}"
+        assert node.threshold.grad != 0, f"zero threshold gradient in {name}"
+        assert node.leak.grad is not None, f"no leak gradient in {name}"
+        assert node.leak.grad != 0, f"zero leak gradient in {name}"
+
+
+def test_leak_clamp_after_optimizer_step() -> None:
+    network = _two_layer_network()
+    unclamped = copy.deepcopy(network)
+    optimizers = []
+    for model in (network, unclamped):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        for _, node in spiking_neurons(model):
+            node.leak.grad = torch.tensor(-0.5)  # A step of +0.5 would take the leak to 1.5.
+        optimizers.append(optimizer)
+    register_leak_clamp(optimizers[0], network)
+    for optimizer in optimizers:
+        optimizer.step()
+    assert [node.leak.item() for _, node in spiking_neurons(unclamped)] == [1.5, 1.5]
+    assert [node.leak.item() for _, node in spiking_neurons(network)] == [1.0, 1.0]
+
+
+def test_rate_gated_pool_passes_max_rate() -> None:
+    # Two inputs in one window fire alternately. Plain max-pooling would fire at every timestep.
+    spikes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]).view(4, 1, 1, 1, 2)
+    pool = RateGatedMaxPool2d(kernel_size=(1, 2))
+    assert pool(spikes).flatten().tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_energy_of_two_layer_example_by_hand() -> None:
+    network = _two_layer_network()
+    stats = measure_spike_statistics(network, [torch.ones(2, 1, 1, 3)])
+
+    first, second = stats.neuron_layers
+    assert first.neurons == 6
+    assert first.spikes == 18.0
+    assert first.spike_rate == 0.75
+    assert second.neurons == 3
+    assert second.spikes == 6.0
+    assert second.spike_rate == 0.5
+
+    encoder, hidden, readout = stats.synaptic_layers
+    # Encoder: 2 output channels x 3 pixels x 1 input channel x 1x1 kernel, at each of 4 timesteps.
+    assert encoder.ann_macs == 6.0
+    assert encoder.macs == 24.0
+    assert encoder.accumulates == 0.0
+    # 3x3 convolution: 3 outputs x 2 input channels x 9 taps as an ANN. A spike at a border
+    # pixel reaches 2 outputs and at the middle pixel 3, so 7 per channel and timestep.
+    # Channel 0 fires 4 times and channel 1 twice, so (4 + 2) x 7 = 42.
+    assert hidden.ann_macs == 54.0
+    assert hidden.macs == 0.0
+    assert hidden.accumulates == 42.0
+    # Readout: 6 spikes, each added to 3 classes.
+    assert readout.ann_macs == 3.0
+    assert readout.macs == 0.0
+    assert readout.accumulates == 18.0
+
+    assert stats.snn_macs == 24.0
+    assert stats.snn_accumulates == 60.0
+    assert stats.ann_macs == 63.0
+    assert stats.snn_energy_pj == pytest.approx(24 * 4.6 + 60 * 0.9)  # 164.4 pJ
+    assert stats.ann_energy_pj == pytest.approx(63 * 4.6)  # 289.8 pJ
+    assert stats.energy_ratio == pytest.approx(289.8 / 164.4)
+    assert "4.6 pJ/MAC, 0.9 pJ/accumulate" in stats.format_report()
+
+
+def test_energy_callback_reads_spike_statistics() -> None:
+    stats = measure_spike_statistics(_two_layer_network(), [torch.ones(1, 1, 1, 3)])
+
+    class SpikingModule:
+        def operation_counts(self):
+            return stats.operation_counts()
+
+    counts = operation_counts_of(SpikingModule())
+    joules = estimate_inference_energy(counts, energy_per_mac_pj=4.6, energy_per_accumulate_pj=0.9)
+    assert joules == pytest.approx(164.4e-12)
+
+
+def test_ann_macs_match_flop_counter(trained_vgg, digits) -> None:
+    train_images, _, test_images, _ = digits
+    network = convert_vgg_to_snn(trained_vgg, train_images[:64], timesteps=2)
+    stats = measure_spike_statistics(network, [(test_images[:8], None)])
+    assert stats.ann_macs == count_forward_cost(trained_vgg, test_images[:1]).macs
+
+
+def test_statistics_stop_after_max_batches() -> None:
+    batches = [torch.ones(1, 1, 1, 3), torch.ones(2, 1, 1, 3)]
+    stats = measure_spike_statistics(_two_layer_network(), batches, max_batches=1)
+    assert stats.images == 1
+
+
+def test_statistics_reject_non_binary_input() -> None:
+    encoder = nn.Conv2d(1, 1, kernel_size=1)
+    features = nn.Sequential(
+        IIRLIFNode(), layer.SeqToANNContainer(nn.AvgPool2d(2), nn.Conv2d(1, 1, kernel_size=1)), IIRLIFNode()
+    )
+    network = SpikingNetwork(encoder, features, SpikeReadout(nn.Linear(1, 2)), timesteps=2)
+    with torch.no_grad():
+        encoder.weight.fill_(2.0)
+        encoder.bias.zero_()
+    # Only the top-left pixel fires, so average pooling passes 0.25, not a spike.
+    images = torch.zeros(1, 1, 2, 2)
+    images[0, 0, 0, 0] = 1.0
+    with pytest.raises(ValueError, match="is not binary spikes"):
+        measure_spike_statistics(network, [images])
+
+
+def test_statistics_restore_network_state() -> None:
+    network = _two_layer_network().train()
+    measure_spike_statistics(network, [torch.ones(1, 1, 1, 3)])
+    assert network.training
+    assert not any(node.record_spikes for _, node in spiking_neurons(network))
