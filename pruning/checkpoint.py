@@ -6,6 +6,7 @@ builds the dense model by name and shrinks every layer to the shapes of the stor
 tensors, so the pruned widths need not be known in advance.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,11 @@ def save_pruned(
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
     payload = {"format": FORMAT, "model": spec or model_spec_of(net), "state_dict": state_dict, "report": report or {}}
-    torch.save(payload, path)
+
+    # Written beside the target and renamed over it, so an interrupted save never replaces a good file.
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
     return path
 
 

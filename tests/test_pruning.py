@@ -224,6 +224,24 @@ def test_pruned_model_round_trips(name: str, kwargs: dict, tmp_path: Path) -> No
         assert loaded.state_dict()[key].shape == value.shape
 
 
+def test_interrupted_save_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = create_model("resnet20", 3, 10)
+    path = save_pruned(tmp_path / "pruned.pt", net, report={"epoch": 1})
+    original_save = torch.save
+
+    def save_then_die(payload: dict, target: Path) -> None:
+        original_save(payload, target)
+        Path(target).write_bytes(Path(target).read_bytes()[:100])
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_pruned(path, net, report={"epoch": 2})
+    monkeypatch.undo()
+
+    assert torch.load(path, weights_only=True)["report"] == {"epoch": 1}
+
+
 def test_load_rejects_other_files(tmp_path: Path) -> None:
     path = tmp_path / "weights.pt"
     torch.save({"state_dict": {}}, path)
