@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig
 
 
 def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: float, output_dir: Path) -> dict[str, Any]:
@@ -42,6 +43,24 @@ def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: floa
             summary["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             summary["wandb_mode"] = logger.experiment.settings.mode
     return summary
+
+
+def describe_run(cfg: DictConfig) -> dict[str, Any]:
+    """Return what a report needs to place the run: task, technique (module class), model, data, group and tags."""
+
+    def class_name(node: Any) -> str | None:
+        target = node.get("_target_") if node is not None else None
+        return str(target).rsplit(".", 1)[-1] if target else None
+
+    model = cfg.get("model")
+    return {
+        "task_name": cfg.get("task_name"),
+        "module": class_name(cfg.get("module")),
+        "model": (model.get("name") if model is not None else None) or class_name(model),
+        "data": class_name(cfg.get("data")),
+        "group": cfg.get("group"),
+        "tags": list(cfg.get("tags") or []),
+    }
 
 
 def save_summary(summary: dict[str, Any], output_dir: Path) -> Path:

@@ -9,7 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_modules.run_summary import collect_summary, format_summary, save_summary
+from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
 from lightning_modules.setup_run import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         output_dir = Path(cfg.paths.output_dir)
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, output_dir)
+        summary.update(describe_run(cfg))
         if trainer.is_global_zero:
             save_summary(summary, output_dir)
             for logger in loggers:

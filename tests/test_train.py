@@ -22,6 +22,11 @@ FAST = ("trainer.fast_dev_run=true", "trainer.accelerator=cpu", "logger=none")
 def test_default_config_runs(compose_config: ComposeConfig) -> None:
     summary = train(compose_config(*FAST))
     assert 0.0 <= summary["test/acc"] <= 1.0
+    # What a report needs to place the run.
+    assert summary["module"] == "PolarizationModule"
+    assert summary["model"] == "resnet20"
+    assert summary["data"] == "DigitsDataModule"
+    assert summary["task_name"] == "train"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
