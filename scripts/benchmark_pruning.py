@@ -1,10 +1,13 @@
-"""Polarization pruning against L1-norm filter pruning on CIFAR-10, and the real CPU speed-up.
+"""Polarization pruning against L1-norm filter pruning and the dense network on CIFAR-10, and the real CPU speed-up.
 
-Both arms train ResNet-20 in one run each, with a target of 50% fewer FLOPs, under
-the CPU budget of the dense baseline ``experiment=cifar10_resnet20``. That budget is
-15 epochs on the 45,000-image training split, batch 128, SGD with Nesterov momentum,
-lr 0.1 cosine with 1 warm-up epoch and weight decay 5e-4.
+Every arm trains ResNet-20 in one run, under the CPU budget of the dense baseline
+``experiment=cifar10_resnet20``: 15 epochs on the 45,000-image training split, batch
+128, SGD with Nesterov momentum, lr 0.1 cosine with 1 warm-up epoch and weight decay
+5e-4. ``--epochs`` and ``--override`` (for example ``data.train_subset=10000``) change
+the budget of every arm alike, and the table prints the budget it was measured at.
 
+- ``dense``: ``experiment=cifar10_resnet20``, the baseline that both pruned arms are
+  compared with.
 - ``polarization``: ``experiment=polarization_resnet20_cifar10_cpu``; gates train with
   the weights, freeze by half of the run, and the smaller network trains to the end.
 - ``l1``: dense training for the first part of the run (the same fraction as the
@@ -18,18 +21,16 @@ lr 0.1 cosine with 1 warm-up epoch and weight decay 5e-4.
 Each arm writes ``<output>/<arm>.json``; ``report`` prints the table from them. The
 arms can run in parallel processes (``--threads 1`` each):
 
-    python scripts/benchmark_pruning.py --arm polarization --threads 1 --output /tmp/bench &
-    python scripts/benchmark_pruning.py --arm l1 --threads 1 --output /tmp/bench &
-    wait; python scripts/benchmark_pruning.py --arm speed --arm report --output /tmp/bench
-
-``--epochs N`` shortens both arms (a reduced budget, printed in the table).
+    for arm in dense polarization l1; do
+        python scripts/benchmark_pruning.py --arm $arm --threads 1 --output /tmp/bench &
+    done
+    wait; python scripts/benchmark_pruning.py --arm speed --arm report --threads 1 --output /tmp/bench
 """
 
 import argparse
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -59,7 +60,7 @@ from pruning import (  # noqa: E402
     save_pruned,
 )
 
-BASELINE_LOG = Path("/tmp/baseline_resnet20.log")
+ARMS = ("dense", "polarization", "l1")
 
 
 class OneShotL1Module(ClassifierModule):
@@ -117,7 +118,9 @@ def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str]) -> 
 
     run_dir = output / arm
     common = ["trainer.accelerator=cpu", "logger=csv", f"trainer.max_epochs={epochs}", *extra_overrides]
-    if arm == "polarization":
+    if arm == "dense":
+        overrides = ["experiment=cifar10_resnet20", *common]
+    elif arm == "polarization":
         overrides = ["experiment=polarization_resnet20_cifar10_cpu", *common]
     else:
         # The L1 arm prunes where the polarization arm freezes at the latest (freeze_max_fraction 0.5).
@@ -151,7 +154,7 @@ def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str]) -> 
         result["model_path"] = summary.get("pruning_model_path")
         result["freeze_epoch"] = summary.get("pruning_freeze_epoch")
         result["reduction_from_gates"] = summary.get("pruning_flops_reduction_from_gates")
-    else:
+    elif arm == "l1":
         # The module in the summary is the extracted network; save it for the speed test.
         result["model_path"] = str(run_dir / "l1_pruned_model.pt")
     return result
@@ -161,7 +164,7 @@ def measure_speed(results: dict[str, dict[str, Any]], rounds: int, batch_size: i
     dense = create_model("resnet20", in_channels=3, num_classes=10)
     networks = {"dense": dense}
     for arm, result in results.items():
-        if result.get("model_path") and Path(result["model_path"]).is_file():
+        if arm != "dense" and result.get("model_path") and Path(result["model_path"]).is_file():
             networks[arm] = load_pruned(result["model_path"])
     images = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     for net in networks.values():
@@ -183,25 +186,21 @@ def measure_speed(results: dict[str, dict[str, Any]], rounds: int, batch_size: i
     }
 
 
-def baseline_accuracy(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    matches = re.findall(r"test accuracy \(top-1\)\s+([0-9.]+) %", path.read_text(errors="replace"))
-    return float(matches[-1]) / 100 if matches else None
+def load_results(output: Path) -> dict[str, dict[str, Any]]:
+    return {arm: json.loads((output / f"{arm}.json").read_text()) for arm in ARMS if (output / f"{arm}.json").is_file()}
 
 
 def print_report(output: Path, dense_accuracy: float | None) -> None:
-    results = {
-        arm: json.loads((output / f"{arm}.json").read_text())
-        for arm in ("polarization", "l1")
-        if (output / f"{arm}.json").is_file()
-    }
+    results = load_results(output)
+    if dense_accuracy is None and "dense" in results:
+        dense_accuracy = results["dense"]["test_acc"]
     speed = json.loads((output / "speed.json").read_text()) if (output / "speed.json").is_file() else {}
     threads = speed.pop("threads", None)
     print()
     print("ResNet-20, CIFAR-10 test set (10,000 images), target 50% fewer FLOPs")
-    if dense_accuracy is not None:
-        print(f"dense baseline (experiment=cifar10_resnet20): {100 * dense_accuracy:.2f}% top-1")
+    if results:
+        budget = next(iter(results.values()))
+        print(f"budget of every arm: {budget['epochs']} epochs; overrides: {' '.join(budget['overrides']) or 'none'}")
     header = (
         f"{'arm':<13} {'epochs':>6} {'top-1':>7} {'vs dense':>8} {'FLOPs red.':>10} {'params red.':>11} "
         f"{'FLOPs ratio':>11} {'speed-up':>8} {'speed/FLOPs':>11} {'wall':>7}"
@@ -211,7 +210,7 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
         flops_ratio = result["dense_macs"] / result["macs"]
         accuracy_gap = f"{100 * (result['test_acc'] - dense_accuracy):+.2f}" if dense_accuracy is not None else "n/a"
         speed_up = speed_cell = "n/a"
-        if arm in speed and "dense" in speed:
+        if arm != "dense" and arm in speed and "dense" in speed:
             ratio = speed["dense"]["median_s"] / speed[arm]["median_s"]
             speed_up, speed_cell = f"{ratio:.2f}x", f"{ratio / flops_ratio:.2f}"
         print(
@@ -231,7 +230,7 @@ def main() -> None:
     parser.add_argument(
         "--arm",
         action="append",
-        choices=["polarization", "l1", "speed", "report"],
+        choices=[*ARMS, "speed", "report"],
         help="what to run; repeat for several (default: all, in order)",
     )
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of each arm (the baseline's: 15)")
@@ -245,30 +244,24 @@ def main() -> None:
         "--dense-accuracy",
         type=float,
         default=None,
-        help=f"dense baseline top-1 in [0, 1]; default: read from {BASELINE_LOG}",
+        help="dense top-1 in [0, 1] to compare with; default: the dense arm's result",
     )
     args = parser.parse_args()
-    arms = args.arm or ["polarization", "l1", "speed", "report"]
+    arms = args.arm or [*ARMS, "speed", "report"]
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
 
     for arm in arms:
-        if arm in ("polarization", "l1"):
+        if arm in ARMS:
             result = run_arm(arm, args.epochs, args.output, args.override)
             (args.output / f"{arm}.json").write_text(json.dumps(result, indent=2))
             print(json.dumps(result, indent=2), flush=True)
         elif arm == "speed":
-            results = {
-                a: json.loads((args.output / f"{a}.json").read_text())
-                for a in ("polarization", "l1")
-                if (args.output / f"{a}.json").is_file()
-            }
-            speed: dict[str, Any] = measure_speed(results, args.rounds, batch_size=256)
+            speed: dict[str, Any] = measure_speed(load_results(args.output), args.rounds, batch_size=256)
             speed["threads"] = args.threads
             (args.output / "speed.json").write_text(json.dumps(speed, indent=2))
         elif arm == "report":
-            dense_accuracy = args.dense_accuracy if args.dense_accuracy is not None else baseline_accuracy(BASELINE_LOG)
-            print_report(args.output, dense_accuracy)
+            print_report(args.output, args.dense_accuracy)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def records_from_folders(paths: list[Path]) -> list[RunRecord]:
     records = []
     for path in paths:
         if not path.exists():
-            raise FileNotFoundError(f"run folder not found: {path}; give run folders or a folder that holds them (logs/)")
+            raise FileNotFoundError(f"run folder not found: {path}; give run folders or the folder above them")
         files = [path] if path.is_file() else sorted(path.rglob("summary.json"))
         for file in files:
             try:
