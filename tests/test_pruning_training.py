@@ -56,15 +56,12 @@ def test_fit_start_counts_dense_network(compose_config: ComposeConfig) -> None:
 def test_resume_keeps_gate_state(compose_config: ComposeConfig, tmp_path: Path) -> None:
     # Gates freeze (and the network shrinks) at the start of epoch 1 of 3. The run is
     # stopped after epoch 0 (gated) or epoch 1 (extracted) and resumed; both must end
-    # where the uninterrupted run ends.
-    # NOTE: Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint is saved, so
-    # every epoch is kept here to make last.ckpt the end of the stopped epoch.
+    # where the uninterrupted run ends. last.ckpt is rewritten at the end of every epoch.
     common = (
         *SMALL,
         "trainer.max_epochs=3",
         "trainer.deterministic=true",
         "module.freeze_max_fraction=0.3",
-        "callbacks.model_checkpoint.save_top_k=-1",
     )
     uninterrupted = train(compose_config(*common))
 
