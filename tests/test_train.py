@@ -37,7 +37,8 @@ def test_experiment_runs_one_batch(compose_config: ComposeConfig, experiment: st
     with open_dict(cfg):
         cfg.data.num_workers = 0
     summary = train(cfg)
-    assert "test/acc" in summary
+    # Classifiers report test/acc; generative models report only a test loss.
+    assert any(key.startswith("test/") for key in summary)
 
 
 @pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "none", "many"])

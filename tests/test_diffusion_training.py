@@ -1,0 +1,268 @@
+"""The UNet, DDPM training with EMA, and sample.py on a checkpoint, all on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from lightning_modules.diffusion import EMA, DDPMModule
+from lightning_modules.training import train
+from models import create_model
+from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
+
+# Parameter counts of the CIFAR-10 UNets as SlimFlow (Zhu et al., ECCV 2024) reports them.
+SLIMFLOW_PARAMETERS = {
+    "unet_slimflow_27m": 27.9e6,
+    "unet_slimflow_15m": 15.7e6,
+    "unet_slimflow_7m": 7.0e6,
+    "unet_slimflow_3m": 3.4e6,
+}
+
+# Small enough that one run of the digits experiment takes seconds.
+QUICK = (
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "module.sampling.num_samples=4",
+    "module.sampling.sampler.num_steps=3",
+)
+
+
+@pytest.mark.parametrize("name", sorted(SLIMFLOW_PARAMETERS))
+def test_slimflow_unet_parameter_count(name: str) -> None:
+    net = create_model(name, in_channels=3, num_classes=10)
+    count = sum(parameter.numel() for parameter in net.parameters())
+    expected = SLIMFLOW_PARAMETERS[name]
+    assert abs(count - expected) / expected <= 0.05, f"{name}: {count:,} parameters, SlimFlow's is {expected:,.0f}"
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize(
+    ("channels", "size", "multipliers"), [(1, 8, [1, 2, 2]), (3, 32, [1, 2, 2, 2]), (3, 16, [1, 2])]
+)
+def test_unet_output_shape(channels: int, size: int, multipliers: list[int], conditional: bool) -> None:
+    net = create_model(
+        "unet",
+        in_channels=channels,
+        num_classes=10,
+        class_conditional=conditional,
+        base_channels=16,
+        channel_multipliers=multipliers,
+        num_res_blocks=1,
+        attention_levels=[1],
+    )
+    x = torch.randn(3, channels, size, size)
+    timesteps = torch.tensor([0, 500, 999])
+    labels = torch.tensor([0, 9, 10]) if conditional else None
+
+    output = net(x, timesteps, class_labels=labels)
+
+    assert output.shape == x.shape
+    assert torch.isfinite(output).all()
+
+
+def test_unet_class_labels_change_output() -> None:
+    torch.manual_seed(0)
+    net = create_model("unet", 1, 10, class_conditional=True, base_channels=16, channel_multipliers=[1, 2])
+    # The last layer of every block starts at zero, which would hide any effect of the labels.
+    for parameter in net.parameters():
+        if parameter.ndim > 1 and not parameter.any():
+            nn.init.normal_(parameter, std=0.1)
+    net.eval()
+    x = torch.randn(2, 1, 8, 8)
+    timesteps = torch.tensor([100, 100])
+
+    with torch.no_grad():
+        digit_zero = net(x, timesteps, class_labels=torch.tensor([0, 0]))
+        digit_one = net(x, timesteps, class_labels=torch.tensor([1, 1]))
+        null_class = net(x, timesteps)
+        explicit_null_class = net(x, timesteps, class_labels=torch.tensor([10, 10]))
+
+    assert not torch.allclose(digit_zero, digit_one)
+    assert torch.allclose(null_class, explicit_null_class)
+
+
+def test_unet_rejects_indivisible_size() -> None:
+    net = create_model("unet", 3, 10, base_channels=16, channel_multipliers=[1, 2, 2])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.randn(1, 3, 10, 10), torch.tensor([0]))
+
+
+def test_unconditional_unet_rejects_labels() -> None:
+    net = create_model("unet", 1, 10, base_channels=16, channel_multipliers=[1, 2])
+    with pytest.raises(ValueError, match="class_conditional=true"):
+        net(torch.randn(1, 1, 8, 8), torch.tensor([0]), class_labels=torch.tensor([3]))
+
+
+def test_ema_update_arithmetic() -> None:
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ema = EMA(model, decay=0.9, warmup=False)
+
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -2.0]]))
+    ema.update(model)
+    # 0.9 * old + 0.1 * new
+    assert torch.allclose(ema.model.weight, torch.tensor([[1.2, 1.6]]))
+
+    ema.update(model)
+    assert torch.allclose(ema.model.weight, torch.tensor([[0.9 * 1.2 + 0.3, 0.9 * 1.6 - 0.2]]))
+    assert int(ema.num_updates) == 2
+    assert not ema.model.weight.requires_grad
+
+
+def test_ema_warmup_ramps_decay() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.999, warmup=True)
+
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+    ema.update(model)
+    # The first update uses decay (1 + 0) / (10 + 0) = 0.1, so it moves 90% of the way.
+    assert float(ema.model.weight) == pytest.approx(9.0)
+    assert ema.current_decay() == pytest.approx(2 / 11)
+
+    ema.num_updates.fill_(100_000)
+    assert ema.current_decay() == pytest.approx(0.999)
+
+
+def test_optimizer_excludes_ema_weights() -> None:
+    from functools import partial
+
+    net = create_model("unet", 1, 10, base_channels=16, channel_multipliers=[1, 2])
+    module = DDPMModule(net, partial(torch.optim.AdamW, lr=1e-3), {"name": "none"}, num_classes=10)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, num_training_batches=5, accumulate_grad_batches=1)
+
+    optimizer = module.configure_optimizers()["optimizer"]
+
+    optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    assert optimized == {id(parameter) for parameter in module.net.parameters()}
+    assert optimized.isdisjoint(id(parameter) for parameter in module.ema.parameters())
+
+
+def test_ddpm_digits_runs_one_batch(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    summary = train(compose_config("experiment=ddpm_digits", "trainer.fast_dev_run=true", *QUICK))
+
+    assert np.isfinite(summary["test/loss"])
+    assert summary["flops_per_sample"] > 0
+    rows = dict(summary["technique_rows"])
+    assert "per network evaluation" in rows["cost counted"]
+    assert "3 network evaluations per image" in rows["sampling cost"]
+    assert "one network evaluation" in summary["estimated_energy_counts"]
+    assert (tmp_path / "samples" / "epoch_0001.png").is_file()
+
+
+def test_ddpm_cifar10_cpu_runs_one_batch(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    if not SHARED_CIFAR10.exists():
+        pytest.skip(f"CIFAR-10 archive not found at {SHARED_CIFAR10}")
+    summary = train(
+        compose_config("experiment=ddpm_cifar10_cpu", "trainer.fast_dev_run=true", "data.batch_size=16", *QUICK)
+    )
+
+    assert np.isfinite(summary["test/loss"])
+    assert summary["params"] > 1e6
+    assert (tmp_path / "samples" / "epoch_0001.png").is_file()
+
+
+@pytest.fixture
+def tiny_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> Path:
+    """Train a class-conditional digits UNet for two batches; return the run folder with checkpoints/last.ckpt."""
+    cfg = compose_config(
+        "experiment=ddpm_digits",
+        "model.class_conditional=true",
+        *QUICK,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "test=false",
+        "module.sampling.every_n_epochs=0",
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    train(cfg)
+    return tmp_path / "run"
+
+
+def compose_sample_config(*overrides: str) -> DictConfig:
+    """Compose ``configs/sample.yaml`` with ``overrides``; pass ``output_dir`` so no Hydra run folder is needed."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_sample_script_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import sample
+
+    command = [
+        sys.executable,
+        str(ROOT / "sample.py"),
+        f"ckpt_path={tiny_checkpoint}",
+        f"output_dir={tmp_path / 'script'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "sampler=ddim",
+        "eta=0.0",
+        "num_steps=4",
+        "num_samples=6",
+        "batch_size=4",
+        "seed=0",
+    ]
+    # The same thread count as this process, so that both compute the same convolutions.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "4 per image" in output
+    assert "FLOPs per image" in output
+    assert "sampler wall time" in output
+    assert (tmp_path / "script" / "samples.png").is_file()
+
+    arrays = np.load(tmp_path / "script" / "samples.npz")
+    images = arrays["images"]
+    assert images.shape == (6, 8, 8, 1)
+    assert images.dtype == np.uint8
+    # Without class_label, a class-conditional model samples the classes in turn.
+    assert arrays["labels"].tolist() == [0, 1, 2, 3, 4, 5]
+    settings = json.loads(str(arrays["settings"]))
+    assert settings["num_steps"] == 4
+    assert settings["network_evaluations_per_image"] == 4
+    assert settings["flops_per_image"] == 4 * settings["flops_per_network_evaluation"]
+
+    # DDIM with eta 0 and the same seed gives the script's images again in this process.
+    # Another batch size gives them too, because the initial noise is drawn once for all
+    # images, but it may change the rounding of the convolutions, so that allows 1 grey level.
+    common = (f"ckpt_path={tiny_checkpoint}", "sampler=ddim", "eta=0.0", "num_steps=4", "num_samples=6", "seed=0")
+    sample.run_sampling(compose_sample_config(*common, "batch_size=4", f"output_dir={tmp_path / 'same'}"))
+    sample.run_sampling(compose_sample_config(*common, "batch_size=6", f"output_dir={tmp_path / 'batch6'}"))
+    other_seed = (*common[:-1], "seed=1", "batch_size=4", f"output_dir={tmp_path / 'other'}")
+    sample.run_sampling(compose_sample_config(*other_seed))
+
+    assert np.array_equal(images, np.load(tmp_path / "same" / "samples.npz")["images"])
+    batch6_images = np.load(tmp_path / "batch6" / "samples.npz")["images"]
+    assert np.abs(images.astype(np.int16) - batch6_images.astype(np.int16)).max() <= 1
+    assert not np.array_equal(images, np.load(tmp_path / "other" / "samples.npz")["images"])
+
+
+def test_sample_rejects_other_checkpoint(tmp_path: Path) -> None:
+    import sample
+
+    checkpoint = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0}, checkpoint)
+    cfg = compose_sample_config(f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'out'}")
+
+    with pytest.raises(ValueError, match="not written by DDPMModule"):
+        sample.run_sampling(cfg)
