@@ -9,6 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_modules.pipeline import pipeline_class_of
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
 from lightning_modules.setup_run import (
     instantiate_callbacks,
@@ -31,6 +32,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     _validate_test_weights(cfg)
     _route_lightning_logs_through_root()
+
+    # A module config whose _target_ is a Pipeline subclass runs its stages, each with its own Trainer.
+    pipeline_class = pipeline_class_of(cfg.get("module"))
+    if pipeline_class is not None:
+        try:
+            return pipeline_class(cfg).run()
+        finally:
+            _close_wandb()
+
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 

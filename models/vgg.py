@@ -57,3 +57,18 @@ def _register(name: str) -> None:
 
 for _name in _LAYOUTS:
     _register(_name)
+
+
+@register_model("vgg_bn")
+def vgg_with_layout(layout: list[int | str], in_channels: int = 3, num_classes: int = 10) -> CifarVGG:
+    """Build a CifarVGG with any layout: the output channels of each 3x3 convolution, and "M" for 2x2 max-pooling.
+
+    Small layouts such as ``[16, "M", 32, "M", 64]`` suit 8x8 digits, where vgg11_bn's
+    last four convolutions see 1x1 feature maps.
+    """
+    items = list(layout)
+    if not items or not all(item == "M" or (isinstance(item, int) and item > 0) for item in items):
+        raise ValueError(f"model.layout must list positive channel counts and 'M', got {items!r}")
+    if not isinstance(items[0], int):
+        raise ValueError(f"model.layout must start with a convolution's channel count, got {items!r}")
+    return CifarVGG(items, in_channels=in_channels, num_classes=num_classes)

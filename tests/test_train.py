@@ -31,7 +31,8 @@ def test_default_config_runs(compose_config: ComposeConfig) -> None:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_one_batch(compose_config: ComposeConfig, experiment: str) -> None:
-    cfg = compose_config(f"experiment={experiment}", *FAST)
+    # A small batch keeps the paper-scale experiments (VGG-16 over five SNN stages) quick on a CPU.
+    cfg = compose_config(f"experiment={experiment}", *FAST, "data.batch_size=16")
     if cfg.data.get("search_paths") and not SHARED_CIFAR10.exists():
         pytest.skip(f"CIFAR-10 archive not found at {SHARED_CIFAR10}")
     with open_dict(cfg):

@@ -1,0 +1,254 @@
+"""The IIR-SNN pipeline on digits: stage table, initialisation from the previous stage, resume, state file, energy."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from lightning_modules.iir_snn import IIRSNNPipeline, load_ann_weights
+from lightning_modules.pipeline import STATE_FILE, PipelineState, load_stage_weights
+from lightning_modules.setup_run import instantiate_user_object
+from lightning_modules.training import train
+from snn import convert_vgg_to_snn, measure_spike_statistics
+from tests.conftest import ROOT
+
+# A pipeline small enough for seconds on one thread: 128 training images (2 batches),
+# one ANN epoch, two epochs at each of T=2 and T=1, 2 test batches.
+PIPELINE = (
+    "experiment=iir_snn_digits",
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "trainer.deterministic=true",
+    "module.timesteps=[2,1]",
+    "data.train_subset=128",
+    "module.ann.max_epochs=1",
+    "module.snn.max_epochs=2",
+    "module.conversion.calibration_images=64",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=2",
+)
+STAGES = ["ann", "convert", "T2", "T1"]
+TEST_BATCHES = 2
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by :class:`KillInStage` to stop a pipeline as a killed job would stop."""
+
+
+class KillInStage(L.Callback):
+    """Raise at the start of ``epoch`` of the stage at T=``timesteps``, after the previous epoch's checkpoint."""
+
+    def __init__(self, timesteps: int, epoch: int) -> None:
+        self.timesteps = timesteps
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "timesteps", None) == self.timesteps and trainer.current_epoch == self.epoch:
+            raise SimulatedKill(f"killed at epoch {self.epoch} of the T={self.timesteps} stage")
+
+
+# (timesteps, epoch) of every training epoch that RecordEpochs saw, in order.
+RECORDED_EPOCHS: list[tuple[int | None, int]] = []
+
+
+class RecordEpochs(L.Callback):
+    """Append the stage's T and the epoch to ``RECORDED_EPOCHS`` at the start of every training epoch."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        RECORDED_EPOCHS.append((getattr(pl_module, "timesteps", None), trainer.current_epoch))
+
+
+def compose_pipeline(output_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
+    """Compose configs/train.yaml with the small pipeline's overrides, writing into ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=[*PIPELINE, *overrides])
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+        cfg.paths.cache_dir = str(cache_dir)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def read_stage_table(folder: Path) -> list[dict[str, Any]]:
+    return json.loads((folder / "iir_snn_stages.json").read_text())["stages"]
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Any]:
+    """Run the small pipeline once, and return its folder, summary and the state file's content after every write."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    snapshots: list[dict[str, Any]] = []
+    original_save = PipelineState.save
+
+    def save_and_parse(state: PipelineState) -> None:
+        original_save(state)
+        snapshots.append(json.loads(state.path.read_text()))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PipelineState, "save", save_and_parse)
+        summary = train(compose_pipeline(folder, cache_dir))
+    return {"folder": folder, "summary": summary, "snapshots": snapshots}
+
+
+def test_pipeline_ends_with_stage_table(uninterrupted: dict[str, Any]) -> None:
+    folder = uninterrupted["folder"]
+    rows = read_stage_table(folder)
+    assert [row["stage"] for row in rows] == STAGES
+    assert [row["timesteps"] for row in rows] == [None, 2, 2, 1]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0, row
+        assert row["energy_uj"] > 0, row
+    assert rows[0]["energy_ratio"] == 1.0
+    # Fewer timesteps, fewer spikes to accumulate: T=1 costs less than T=2.
+    assert rows[3]["energy_uj"] < rows[2]["energy_uj"]
+    assert uninterrupted["summary"]["test/acc"] == rows[-1]["accuracy"]
+    assert (folder / "plots" / "spike_rates.png").stat().st_size > 0
+    assert (folder / "plots" / "accuracy_and_energy.png").stat().st_size > 0
+
+
+def test_every_stage_finished_with_checkpoint(uninterrupted: dict[str, Any]) -> None:
+    folder = uninterrupted["folder"]
+    stages = read_state(folder)["stages"]
+    assert list(stages) == STAGES
+    for name, record in stages.items():
+        assert record["finished"], name
+        assert (folder / record["checkpoint"]).is_file(), name
+
+
+def test_state_file_valid_after_every_write(uninterrupted: dict[str, Any]) -> None:
+    snapshots = uninterrupted["snapshots"]
+    finished_counts = [sum(record["finished"] for record in snapshot["stages"].values()) for snapshot in snapshots]
+    # One write when the file is created, then a start and a finish per stage.
+    assert len(snapshots) == 1 + 2 * len(STAGES)
+    assert finished_counts == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_stage_starts_from_previous_stage(uninterrupted: dict[str, Any]) -> None:
+    stages = read_state(uninterrupted["folder"])["stages"]
+    for previous, current in [("convert", "T2"), ("T2", "T1")]:
+        summary = stages[current]["summary"]
+        assert summary["initialised_from"] == previous
+        assert summary["initial_thresholds"] == stages[previous]["summary"]["snn/thresholds"], current
+        assert summary["initial_leaks"] == stages[previous]["summary"]["snn/leaks"], current
+    # T2 trained its thresholds, so T1 started from T2's values, not from the conversion's.
+    assert stages["T2"]["summary"]["snn/thresholds"] != stages["convert"]["summary"]["snn/thresholds"]
+
+
+def test_reported_energy_matches_spike_statistics(uninterrupted: dict[str, Any], cache_dir: Path) -> None:
+    folder = uninterrupted["folder"]
+    cfg = compose_pipeline(folder / "measure", cache_dir)
+    datamodule = instantiate_user_object(cfg.data)
+    ann = instantiate_user_object(cfg.model, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
+    load_ann_weights(ann, folder / "stages" / "ann" / "weights.pt")
+    images, _ = next(iter(datamodule.test_dataloader()))
+    network = convert_vgg_to_snn(ann.eval(), images, timesteps=1, output_reduction="sum")
+    state = load_stage_weights(folder / "stages" / "T1" / "weights.pt")
+    network.load_state_dict({key.removeprefix("network."): value for key, value in state.items()})
+
+    statistics = measure_spike_statistics(network, datamodule.test_dataloader(), max_batches=TEST_BATCHES)
+
+    row = read_stage_table(folder)[-1]
+    summary = read_state(folder)["stages"]["T1"]["summary"]
+    assert row["energy_uj"] == pytest.approx(statistics.snn_energy_pj / 1e6, rel=1e-9)
+    assert row["energy_ratio"] == pytest.approx(statistics.energy_ratio, rel=1e-9)
+    assert row["accumulates_per_image"] == pytest.approx(statistics.snn_accumulates, rel=1e-9)
+    assert row["spike_rates"] == pytest.approx({layer.name: layer.spike_rate for layer in statistics.neuron_layers})
+    # EnergyCallback's estimate comes from the module's operation_counts().
+    assert summary["estimated_inference_energy_uj"] == pytest.approx(statistics.snn_energy_pj / 1e6, rel=1e-9)
+    # FlopsCallback counts only the first layer's MACs, once per timestep.
+    assert summary["macs_per_sample"] == pytest.approx(statistics.snn_macs, rel=1e-9)
+
+
+def test_resumed_pipeline_skips_finished_stages(uninterrupted: dict[str, Any], tmp_path: Path, cache_dir: Path) -> None:
+    folder = tmp_path / "interrupted"
+    killed = compose_pipeline(folder, cache_dir)
+    with open_dict(killed):
+        killed.callbacks.kill = {"_target_": f"{__name__}.KillInStage", "timesteps": 1, "epoch": 1}
+    with pytest.raises(SimulatedKill):
+        train(killed)
+
+    stages = read_state(folder)["stages"]
+    assert [stages[name]["finished"] for name in STAGES] == [True, True, True, False]
+    assert (folder / "stages" / "T1" / "checkpoints" / "last.ckpt").is_file()
+    finished_weights = {name: folder / stages[name]["checkpoint"] for name in ["ann", "convert", "T2"]}
+    mtimes = {name: path.stat().st_mtime_ns for name, path in finished_weights.items()}
+
+    resumed_cfg = compose_pipeline(tmp_path / "resumed", cache_dir, f"ckpt_path={folder}")
+    with open_dict(resumed_cfg):
+        resumed_cfg.callbacks.record = {"_target_": f"{__name__}.RecordEpochs"}
+    RECORDED_EPOCHS.clear()
+    resumed = train(resumed_cfg)
+
+    # Only T1 trained, and only its second epoch: it resumed from its last.ckpt.
+    assert RECORDED_EPOCHS == [(1, 1)]
+    assert {name: path.stat().st_mtime_ns for name, path in finished_weights.items()} == mtimes
+    assert read_state(folder)["stages"]["T1"]["finished"]
+    assert resumed["pipeline_dir"] == str(folder)
+    # The resumed T1 stage continues at the step where it stopped, with the same random
+    # numbers, so on CPU the results agree to rounding.
+    expected_rows = read_stage_table(uninterrupted["folder"])
+    resumed_rows = read_stage_table(folder)
+    assert len(resumed_rows) == len(expected_rows)
+    for resumed_row, expected_row in zip(resumed_rows, expected_rows, strict=True):
+        assert resumed_row["stage"] == expected_row["stage"]
+        assert resumed_row["accuracy"] == pytest.approx(expected_row["accuracy"], abs=1e-6)
+        assert resumed_row["energy_uj"] == pytest.approx(expected_row["energy_uj"], rel=1e-6)
+        assert resumed_row["spike_rates"] == pytest.approx(expected_row["spike_rates"], rel=1e-6)
+
+
+def test_ann_checkpoint_skips_ann_training(uninterrupted: dict[str, Any], tmp_path: Path, cache_dir: Path) -> None:
+    ann_weights = uninterrupted["folder"] / "stages" / "ann" / "weights.pt"
+    cfg = compose_pipeline(tmp_path, cache_dir, f"module.ann_checkpoint={ann_weights}")
+    train(cfg)
+
+    ann = read_state(tmp_path)["stages"]["ann"]
+    assert ann["checkpoint"] == str(ann_weights)
+    assert not (tmp_path / "stages" / "ann" / "weights.pt").exists()
+    # Only tested, so the ANN's accuracy on the test batches is the trained run's.
+    expected = read_state(uninterrupted["folder"])["stages"]["ann"]["summary"]["test/acc"]
+    assert ann["summary"]["test/acc"] == pytest.approx(expected)
+
+
+def test_ckpt_path_without_state_file_is_rejected(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = compose_pipeline(tmp_path / "run", cache_dir, "trainer.fast_dev_run=true", f"ckpt_path={tmp_path}")
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        train(cfg)
+
+
+def test_increasing_timesteps_are_rejected(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = compose_pipeline(tmp_path, cache_dir, "trainer.fast_dev_run=true", "module.timesteps=[1,2]")
+    with pytest.raises(ValueError, match="decreasing order"):
+        train(cfg)
+
+
+def test_stage_weights_contain_thresholds(uninterrupted: dict[str, Any]) -> None:
+    folder = uninterrupted["folder"]
+    state = load_stage_weights(folder / "stages" / "T1" / "weights.pt")
+    thresholds = read_state(folder)["stages"]["T1"]["summary"]["snn/thresholds"]
+    for name, value in thresholds.items():
+        assert state[f"network.{name}.threshold"].item() == pytest.approx(value), name
+
+
+def test_each_stage_has_own_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = compose_pipeline(tmp_path, cache_dir, "trainer.fast_dev_run=true", "logger=wandb")
+    train(cfg)
+
+    for stage in [*STAGES, "report"]:
+        assert len(list((tmp_path / "stages" / stage / "wandb").glob("offline-run-*"))) == 1, stage
+    stage_cfg = IIRSNNPipeline(cfg).stage_config("T1")
+    assert stage_cfg.logger.wandb.group == f"iir_snn_digits-{tmp_path.name}"
+    assert stage_cfg.logger.wandb.job_type == "T1"
+    assert stage_cfg.paths.output_dir == str(tmp_path / "stages" / "T1")
