@@ -4,6 +4,9 @@ Writes ``samples.png`` (a grid) and ``samples.npz`` (uint8 images ``(N, H, W, C)
 class labels of a class-conditional model, and the settings as JSON) to the output
 folder, and prints the network evaluations and FLOPs per image and the sampler's wall
 time. The checkpoint is read with ``torch.load(weights_only=True)``. See configs/sample.yaml.
+
+With ``metrics.frechet=resnet20 metrics.feature_checkpoint=<classifier run folder or .ckpt>`` it
+also prints the Frechet distance of the samples to ``metrics.data`` (see diffusion/frechet.py).
 """
 
 import json
@@ -19,6 +22,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.frechet import (
+    FrechetResult,
+    frechet_distance_to_reference,
+    inception_fid,
+    load_feature_network,
+    reference_data_from_datamodule,
+    reference_statistics,
+    require_torch_fidelity,
+    resolve_checkpoint_file,
+    resolve_inception_weights,
+)
 from lightning_modules.diffusion import (
     SamplerSettings,
     build_sampler,
@@ -29,7 +43,7 @@ from lightning_modules.diffusion import (
     save_grid,
     to_uint8,
 )
-from lightning_modules.setup_run import resolve_checkpoint_path
+from lightning_modules.setup_run import instantiate_user_object, resolve_checkpoint_path
 
 # Configs refer to the project root through this variable, as in train.py.
 os.environ["LEANLIGHT_ROOT"] = str(Path(__file__).resolve().parent)
@@ -53,6 +67,8 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         time_shift=OmegaConf.to_container(cfg.time_shift, resolve=True),
     )
     sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
+    # A missing feature checkpoint or weights file fails here, before minutes of sampling.
+    check_frechet_config(cfg.metrics)
     labels = None
     if denoiser.class_conditional:
         labels = cycle_class_labels(cfg.num_samples, net.num_classes, cfg.class_label)
@@ -108,7 +124,51 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     np.savez(npz_path, **arrays)
     report["png"] = str(grid_path)
     report["npz"] = str(npz_path)
+    if cfg.metrics.frechet is not None:
+        report["frechet"] = compute_frechet(cfg.metrics, arrays["images"], device, cfg.paths.cache_dir).describe()
     return report
+
+
+def check_frechet_config(metrics: DictConfig) -> None:
+    """Raise ValueError, FileNotFoundError or ModuleNotFoundError when ``metrics.frechet`` lacks what it needs."""
+    if metrics.frechet is None:
+        return
+    if metrics.frechet == "inception":
+        resolve_inception_weights(metrics.inception_weights)
+        require_torch_fidelity()
+    elif str(metrics.frechet).startswith("resnet"):
+        if metrics.feature_checkpoint is None:
+            raise ValueError(
+                f"metrics.frechet={metrics.frechet} needs metrics.feature_checkpoint=<run folder or .ckpt> "
+                "of a classifier trained with `python train.py experiment=cifar10_resnet20`"
+            )
+        resolve_checkpoint_file(metrics.feature_checkpoint)
+    else:
+        raise ValueError(
+            f"metrics.frechet={metrics.frechet} is invalid; use null, inception, or the CIFAR ResNet "
+            "of metrics.feature_checkpoint, such as resnet20"
+        )
+
+
+def compute_frechet(metrics: DictConfig, images: np.ndarray, device: torch.device, cache_dir: str) -> FrechetResult:
+    """Compute the Frechet distance of uint8 samples ``(N, H, W, C)`` to the reference data ``metrics.data``."""
+    datamodule = instantiate_user_object(metrics.data)
+    reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
+    if metrics.frechet == "inception":
+        return inception_fid(
+            images, reference.images, reference.label, metrics.inception_weights, metrics.batch_size, device
+        )
+
+    # NOTE: the checkpoint does not store the classifier's normalisation, so the reference data
+    # module's is used. It matches when metrics.data is the data config the classifier trained on.
+    network = load_feature_network(metrics.feature_checkpoint, reference.mean, reference.std)
+    if network.name.lower() != str(metrics.frechet).lower():
+        raise ValueError(
+            f"metrics.frechet={metrics.frechet} but {metrics.feature_checkpoint} contains a {network.name}; "
+            f"set metrics.frechet={network.name.lower()}"
+        )
+    statistics = reference_statistics(reference.images, network, reference.label, cache_dir, metrics.batch_size, device)
+    return frechet_distance_to_reference(images, network, statistics, reference.label, metrics.batch_size, device)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -128,6 +188,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("grid", report["png"]),
         ("arrays", report["npz"]),
     ]
+    if "frechet" in report:
+        rows.append(("Frechet distance", report["frechet"]))
     width = max(len(label) for label, _ in rows)
     return "\n".join(["", "leanlight samples"] + [f"  {label:<{width}}  {value}" for label, value in rows]) + "\n"
 
@@ -150,7 +212,7 @@ def main(cfg: DictConfig) -> None:
     """Run :func:`run_sampling` and log its report; log a user-fixable error without a traceback."""
     try:
         report = run_sampling(cfg)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s: %s\n(set HYDRA_FULL_ERROR=1 to see the traceback)", type(error).__name__, error)
