@@ -40,6 +40,7 @@ from pruning import (
     macs_from_counts,
     polarization_regularizer,
     remap_optimizer_state,
+    round_kept_channels,
     save_pruned,
 )
 from pruning.checkpoint import model_spec_of
@@ -78,6 +79,9 @@ class PolarizationModule(ClassifierModule):
         fit_budget_at_freeze: when the gates freeze outside the budget, close the open channels
             with the lowest scores (or open the closed ones with the highest) until the FLOPs
             reduction is in [flops_reduction, flops_reduction + freeze_tolerance].
+        round_to: at the freeze, keep a multiple of this many channels in every group (or all
+            of them), chosen by gate score, within the budget; CPU and GPU kernels run odd
+            widths slower than their FLOPs suggest. 1 keeps any width.
         save_model: save the extracted network as ``<run folder>/pruning/pruned_model.pt``.
     """
 
@@ -100,6 +104,7 @@ class PolarizationModule(ClassifierModule):
         freeze_min_fraction: float = 0.2,
         freeze_max_fraction: float = 0.5,
         fit_budget_at_freeze: bool = True,
+        round_to: int = 1,
         save_model: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
@@ -141,6 +146,9 @@ class PolarizationModule(ClassifierModule):
         self.freeze_min_fraction = freeze_min_fraction
         self.freeze_max_fraction = freeze_max_fraction
         self.fit_budget_at_freeze = fit_budget_at_freeze
+        if round_to < 1:
+            raise ValueError(f"round_to must be >= 1 (1 keeps any width), got {round_to}")
+        self.round_to = round_to
         self.save_model = save_model
 
         self.graph = None
@@ -268,9 +276,15 @@ class PolarizationModule(ClassifierModule):
         self.frozen = True
         self.freeze_epoch = self.current_epoch if trainer is not None else None
         self.reduction_from_gates = 1.0 - self.kept_flops_fraction()
+        scores = {int(index): score for index, score in self.gates.scores.items()}
+        masks = self.gates.keep_masks()
         if self.fit_budget_at_freeze:
-            scores = {int(index): score for index, score in self.gates.scores.items()}
             masks = fit_masks_to_budget(self.graph, scores, self.flops_reduction, self.freeze_tolerance)
+        if self.round_to > 1:
+            masks = round_kept_channels(
+                self.graph, scores, masks, self.round_to, self.flops_reduction, self.freeze_tolerance
+            )
+        if self.fit_budget_at_freeze or self.round_to > 1:
             with torch.no_grad():
                 for index, mask in masks.items():
                     # Moves only the scores on the wrong side of the threshold, just across it.

@@ -23,6 +23,7 @@ from pruning.gates import (
     fit_masks_to_budget,
     macs_from_counts,
     polarization_regularizer,
+    round_kept_channels,
 )
 from pruning.graph import ChannelGraph, ChannelGroup, UnsupportedModelError, build_channel_graph
 from pruning.l1 import l1_norm_keep_masks
@@ -48,5 +49,6 @@ __all__ = [
     "polarization_regularizer",
     "remap_optimizer_state",
     "resize_to_state_dict",
+    "round_kept_channels",
     "save_pruned",
 ]

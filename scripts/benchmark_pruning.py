@@ -57,8 +57,10 @@ from pruning import (  # noqa: E402
     l1_norm_keep_masks,
     load_pruned,
     remap_optimizer_state,
+    round_kept_channels,
     save_pruned,
 )
+from pruning.l1 import filter_norms  # noqa: E402
 
 ARMS = ("dense", "polarization", "l1")
 
@@ -70,10 +72,13 @@ class OneShotL1Module(ClassifierModule):
     continues, so fine-tuning is the rest of the same run.
     """
 
-    def __init__(self, *args: Any, flops_reduction: float = 0.5, prune_epoch: int = 7, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, flops_reduction: float = 0.5, prune_epoch: int = 7, round_to: int = 1, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.flops_reduction = flops_reduction
         self.prune_epoch = prune_epoch
+        self.round_to = round_to
         self.pruned = False
 
     def on_train_epoch_start(self) -> None:
@@ -88,6 +93,9 @@ class OneShotL1Module(ClassifierModule):
     def prune(self, optimizers: list[torch.optim.Optimizer]) -> None:
         graph = build_channel_graph(self.net, example_input_of(self).cpu())
         masks = l1_norm_keep_masks(self.net, graph, self.flops_reduction)
+        # The same rounding as the polarization arm, with the filter norms as scores.
+        norms = filter_norms(self.net, graph)
+        masks = round_kept_channels(graph, norms, masks, self.round_to, self.flops_reduction, tolerance=0.03)
         extraction = extract_subnetwork(self.net, graph, masks)
         for optimizer in optimizers:
             remap_optimizer_state(optimizer, extraction)
@@ -113,7 +121,7 @@ def dense_cost() -> tuple[float, int]:
     return cost.macs, cost.parameters
 
 
-def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str]) -> dict[str, Any]:
+def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str], round_to: int) -> dict[str, Any]:
     from lightning_modules.training import train
 
     run_dir = output / arm
@@ -121,7 +129,7 @@ def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str]) -> 
     if arm == "dense":
         overrides = ["experiment=cifar10_resnet20", *common]
     elif arm == "polarization":
-        overrides = ["experiment=polarization_resnet20_cifar10_cpu", *common]
+        overrides = ["experiment=polarization_resnet20_cifar10_cpu", f"module.round_to={round_to}", *common]
     else:
         # The L1 arm prunes where the polarization arm freezes at the latest (freeze_max_fraction 0.5).
         prune_epoch = math.ceil(epochs * 0.5)
@@ -131,6 +139,7 @@ def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str]) -> 
             "module._target_=__main__.OneShotL1Module",
             "+module.flops_reduction=0.5",
             f"+module.prune_epoch={prune_epoch}",
+            f"+module.round_to={round_to}",
             *common,
         ]
     start = time.perf_counter()
@@ -148,6 +157,7 @@ def run_arm(arm: str, epochs: int, output: Path, extra_overrides: list[str]) -> 
         "dense_params": dense_params,
         "wall_s": wall,
         "overrides": extra_overrides,
+        "round_to": round_to,
         "run_dir": str(run_dir),
     }
     if arm == "polarization":
@@ -201,6 +211,8 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
     if results:
         budget = next(iter(results.values()))
         print(f"budget of every arm: {budget['epochs']} epochs; overrides: {' '.join(budget['overrides']) or 'none'}")
+        rounding = {result.get("round_to", 1) for arm, result in results.items() if arm != "dense"}
+        print(f"kept channels rounded to a multiple of: {', '.join(str(value) for value in sorted(rounding))}")
     header = (
         f"{'arm':<13} {'epochs':>6} {'top-1':>7} {'vs dense':>8} {'FLOPs red.':>10} {'params red.':>11} "
         f"{'FLOPs ratio':>11} {'speed-up':>8} {'speed/FLOPs':>11} {'wall':>7}"
@@ -239,6 +251,9 @@ def main() -> None:
     parser.add_argument(
         "--override", action="append", default=[], help="extra Hydra override for both arms (for quick checks)"
     )
+    parser.add_argument(
+        "--round-to", type=int, default=1, help="keep a multiple of this many channels per group (both pruned arms)"
+    )
     parser.add_argument("--output", type=Path, default=Path("/tmp/benchmark_pruning"), help="results folder")
     parser.add_argument(
         "--dense-accuracy",
@@ -253,7 +268,7 @@ def main() -> None:
 
     for arm in arms:
         if arm in ARMS:
-            result = run_arm(arm, args.epochs, args.output, args.override)
+            result = run_arm(arm, args.epochs, args.output, args.override, args.round_to)
             (args.output / f"{arm}.json").write_text(json.dumps(result, indent=2))
             print(json.dumps(result, indent=2), flush=True)
         elif arm == "speed":

@@ -22,6 +22,7 @@ from pruning import (
     macs_from_counts,
     polarization_regularizer,
     remap_optimizer_state,
+    round_kept_channels,
     save_pruned,
 )
 
@@ -271,6 +272,34 @@ def test_fit_masks_to_budget_closes_lowest_scores() -> None:
     masks = fit_masks_to_budget(graph, scores, flops_reduction=0.3, tolerance=0.02)
     reduction = 1 - float(macs_from_counts(graph, _kept_counts(masks))) / dense_macs(graph)
     assert 0.3 <= reduction <= 0.32
+
+
+def test_rounded_widths_stay_in_budget() -> None:
+    graph = build_channel_graph(create_model("resnet20", 3, 10), torch.zeros(1, 3, 32, 32))
+    generator = torch.Generator().manual_seed(0)
+    scores = {group.index: torch.rand(group.channels, generator=generator) for group in graph.prunable_groups}
+    masks = fit_masks_to_budget(graph, scores, flops_reduction=0.5, tolerance=0.03)
+
+    rounded = round_kept_channels(graph, scores, masks, multiple=8, flops_reduction=0.5, tolerance=0.03)
+
+    reduction = 1 - float(macs_from_counts(graph, _kept_counts(rounded))) / dense_macs(graph)
+    assert 0.5 <= reduction <= 0.53
+    for index, mask in rounded.items():
+        kept = int(mask.sum())
+        assert kept % 8 == 0 or kept == mask.numel()
+        # The kept channels are the group's highest-scoring ones.
+        if 0 < kept < mask.numel():
+            assert scores[index][mask].min() >= scores[index][~mask].max()
+
+
+def test_rounding_to_one_changes_nothing() -> None:
+    graph = build_channel_graph(create_model("resnet20", 3, 10), torch.zeros(1, 3, 32, 32))
+    scores = {group.index: torch.linspace(0.0, 1.0, group.channels) for group in graph.prunable_groups}
+    masks = fit_masks_to_budget(graph, scores, flops_reduction=0.4, tolerance=0.03)
+
+    rounded = round_kept_channels(graph, scores, masks, multiple=1, flops_reduction=0.4, tolerance=0.03)
+
+    assert all(torch.equal(rounded[index], masks[index]) for index in masks)
 
 
 class _ChannelLayerNorm(nn.Module):
