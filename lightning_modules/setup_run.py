@@ -79,6 +79,35 @@ def resolve_checkpoint_path(ckpt_path: str | None) -> str | None:
     return str(path)
 
 
+def resolve_lightning_checkpoint(ckpt_path: str | None) -> str | None:
+    """Resolve ``ckpt_path`` as :func:`resolve_checkpoint_path` does, and check that Lightning can load the file."""
+    resolved = resolve_checkpoint_path(ckpt_path)
+    if resolved is not None:
+        check_checkpoint_file(Path(resolved))
+    return resolved
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` if it is not a readable Lightning checkpoint.
+
+    Lightning would otherwise fail deep inside fit or test with a bare ``KeyError`` or a
+    zip-reader message. The file is memory-mapped, so the check reads little of it, and
+    it is loaded weights-only, as Lightning loads local checkpoints with this torch.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise ValueError(
+            f"ckpt_path={path} could not be read as a checkpoint ({type(error).__name__}: {error}). "
+            "It may be truncated, or not written by torch.save; pass a .ckpt written by train.py or a run folder"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"ckpt_path={path} is not a Lightning checkpoint (it has no 'state_dict'); "
+            "pass a .ckpt written by train.py or a run folder"
+        )
+
+
 def log_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
     """Send the fully resolved config to every logger, so runs can be compared by any key."""
     # Hydra's own section has values that exist only in multiruns; it is not the run's config.

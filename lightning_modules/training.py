@@ -16,7 +16,7 @@ from lightning_modules.setup_run import (
     instantiate_loggers,
     instantiate_user_object,
     log_resolved_config,
-    resolve_checkpoint_path,
+    resolve_lightning_checkpoint,
     resolve_precision,
 )
 
@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         log_resolved_config(cfg, loggers)
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_checkpoint_path(cfg.get("ckpt_path")))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_lightning_checkpoint(cfg.get("ckpt_path")))
         if cfg.get("test", True):
             trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
 
@@ -90,7 +90,7 @@ def _validate_test_weights(cfg: DictConfig) -> None:
 def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     """Return the checkpoint to test, or ``None`` for the weights in memory after training."""
     if not cfg.get("train", True):
-        return resolve_checkpoint_path(cfg.ckpt_path)
+        return resolve_lightning_checkpoint(cfg.ckpt_path)
     if cfg.get("test_weights", "last") == "last":
         return None
 

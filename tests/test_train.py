@@ -110,6 +110,25 @@ def test_missing_checkpoint_names_path(compose_config: ComposeConfig, tmp_path: 
         train(cfg)
 
 
+def test_truncated_checkpoint_is_named(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    path = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": {"weight": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+    with pytest.raises(ValueError, match="truncated.ckpt could not be read as a checkpoint"):
+        train(compose_config(*FAST, f"ckpt_path={path}"))
+
+
+def test_foreign_checkpoint_is_rejected(tmp_path: Path) -> None:
+    from lightning_modules.setup_run import resolve_lightning_checkpoint
+
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(3)}, path)
+
+    with pytest.raises(ValueError, match="weights.pt is not a Lightning checkpoint"):
+        resolve_lightning_checkpoint(str(path))
+
+
 def test_unknown_config_key_is_rejected(compose_config: ComposeConfig) -> None:
     from hydra.errors import ConfigCompositionException
 
