@@ -79,6 +79,15 @@ def resolve_checkpoint_path(ckpt_path: str | None) -> str | None:
     return str(path)
 
 
+def check_accelerator(accelerator: str | None) -> None:
+    """Raise ``ValueError`` when the config asks for a GPU that torch cannot see, with the ways out."""
+    if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+            "use trainer=cpu, or trainer=default to pick what is there, or install a CUDA build of torch"
+        )
+
+
 def resolve_lightning_checkpoint(ckpt_path: str | None) -> str | None:
     """Resolve ``ckpt_path`` as :func:`resolve_checkpoint_path` does, and check that Lightning can load the file."""
     resolved = resolve_checkpoint_path(ckpt_path)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from lightning_modules.pipeline import pipeline_class_of
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
 from lightning_modules.setup_run import (
+    check_accelerator,
     instantiate_callbacks,
     instantiate_loggers,
     instantiate_user_object,
@@ -31,6 +32,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     start = time.perf_counter()
     _validate_test_weights(cfg)
+    check_accelerator(cfg.trainer.get("accelerator"))
     _route_lightning_logs_through_root()
 
     # A module config whose _target_ is a Pipeline subclass runs its stages, each with its own Trainer.

@@ -129,6 +129,12 @@ def test_foreign_checkpoint_is_rejected(tmp_path: Path) -> None:
         resolve_lightning_checkpoint(str(path))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_gpu_trainer_without_gpu_is_named(compose_config: ComposeConfig) -> None:
+    with pytest.raises(ValueError, match="trainer.accelerator=gpu but torch sees no CUDA GPU"):
+        train(compose_config("trainer=gpu", "logger=none"))
+
+
 def test_unknown_config_key_is_rejected(compose_config: ComposeConfig) -> None:
     from hydra.errors import ConfigCompositionException
 
