@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.callbacks.flops import example_input_from_datamodule
 from lightning_modules.schedules import build_scheduler
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
@@ -89,10 +90,9 @@ class ClassifierModule(LightningModule):
     def setup(self, stage: str) -> None:
         # A single-sample input lets the cost callbacks and Lightning's model summary
         # run the network without knowing the data set.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "image_size"):
-            height, width = datamodule.image_size
-            self.example_input_array = torch.zeros(1, datamodule.in_channels, height, width)
+        example = example_input_from_datamodule(getattr(self.trainer, "datamodule", None))
+        if example is not None:
+            self.example_input_array = example
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch

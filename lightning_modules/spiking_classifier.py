@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.callbacks.energy import OperationCounts
-from lightning_modules.callbacks.flops import example_input_of
+from lightning_modules.callbacks.flops import example_input_from_datamodule, example_input_of
 from lightning_modules.classifier import optimizer_steps_per_epoch
 from lightning_modules.schedules import build_scheduler
 from snn import (
@@ -108,10 +108,10 @@ class SpikingClassifierModule(L.LightningModule):
         return self.network(images)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "image_size"):
-            height, width = datamodule.image_size
-            self.example_input_array = torch.zeros(1, datamodule.in_channels, height, width)
+        # A single-sample input lets the cost callbacks run the network without the data set.
+        example = example_input_from_datamodule(getattr(self.trainer, "datamodule", None))
+        if example is not None:
+            self.example_input_array = example
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch

@@ -46,6 +46,14 @@ def count_forward_cost(model: nn.Module, example_input: torch.Tensor) -> Forward
     return ForwardCost(macs=flops / 2, flops=flops, parameters=parameters)
 
 
+def example_input_from_datamodule(datamodule: Any) -> torch.Tensor | None:
+    """Return a zero batch of one input shaped like the data module's images, or ``None`` if it has no image size."""
+    if datamodule is None or not hasattr(datamodule, "image_size"):
+        return None
+    height, width = datamodule.image_size
+    return torch.zeros(1, datamodule.in_channels, height, width)
+
+
 def example_input_of(pl_module: L.LightningModule) -> torch.Tensor:
     """Return the module's ``example_input_array`` on its device, or raise if it has none."""
     example = pl_module.example_input_array
