@@ -80,7 +80,7 @@ def resolve_checkpoint_path(ckpt_path: str | None) -> str | None:
 
 
 def check_accelerator(accelerator: str | None) -> None:
-    """Raise ``ValueError`` when the config asks for a GPU that torch cannot see, with the ways out."""
+    """Raise ``ValueError`` when the config requests a GPU that torch cannot see, and name the alternatives."""
     if str(accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"trainer.accelerator={accelerator} but torch sees no CUDA GPU (torch.cuda.is_available() is False); "

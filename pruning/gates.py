@@ -219,12 +219,12 @@ def round_kept_channels(
 
     Convolution kernels on CPUs and GPUs are fastest when channel counts are multiples
     of 4, 8 or 16; a network pruned to odd widths runs slower than its FLOPs suggest.
-    Each group's kept count is first rounded to the nearest allowed count. Then, while
-    fewer MACs than ``flops_reduction`` are removed, the group whose next step down
-    closes the lowest-scoring channels steps down; while more than ``flops_reduction +
-    tolerance`` are removed, the group whose next step up opens the highest-scoring
-    channels steps up, as long as the reduction stays at or above ``flops_reduction``.
-    Within a group the channels with the highest ``scores`` are kept.
+    Each group's kept count is first rounded to the nearest allowed count. While fewer
+    MACs than ``flops_reduction`` are removed, the group whose next step down closes the
+    lowest-scoring channels steps down. While more than ``flops_reduction + tolerance``
+    are removed, the group whose next step up opens the highest-scoring channels steps
+    up, as long as the reduction stays at or above ``flops_reduction``. Within a group
+    the channels with the highest ``scores`` are kept.
     """
     if multiple <= 1:
         return {index: mask.clone() for index, mask in masks.items()}

@@ -5,10 +5,10 @@ The network is traced with ``torch.fx`` and every tensor in it gets a channel sp
 that keep channels one-to-one (BatchNorm, activations, pooling, depthwise
 convolutions, flatten of a 1x1 map) put their output in the same space as their
 input, and a residual addition merges the spaces of its operands. The spaces that
-remain after merging are the channel groups: removing channel ``i`` of a group removes
-output channel ``i`` of every producer (convolution or linear layer writing into the
-group), channel ``i`` of every BatchNorm and depthwise convolution in it, and input
-channel ``i`` of every consumer. Torch-Pruning calls these dependency groups.
+remain after merging are the channel groups. Removing channel ``i`` of a group removes
+output channel ``i`` of every producer (a convolution or linear layer writing into the
+group). It also removes channel ``i`` of every BatchNorm and depthwise convolution in
+the group, and input channel ``i`` of every consumer. Torch-Pruning calls these dependency groups.
 
 A group is fixed (never pruned) when it touches the model's input or output, a
 channel concatenation or padding (the zero-padding shortcut of CIFAR ResNets,
@@ -81,11 +81,11 @@ SHAPE_ONLY_METHODS = {"size", "dim"}
 class ChannelGroup:
     """Channels that must be kept or removed together, with every layer that touches them.
 
-    ``producers`` write the group's channels (convolutions and linear layers, by module
-    name); ``consumers`` read them as input channels; ``depthwise`` convolutions do
-    both; ``norms`` are BatchNorm layers over them; ``gate_points`` are the modules
-    whose outputs a gate multiplies, chosen so that a closed channel is exactly zero
-    wherever a consumer reads it.
+    Layers are named by module name. ``producers`` (convolutions and linear layers)
+    write the group's channels, and ``consumers`` read them as input channels.
+    ``depthwise`` convolutions do both. ``norms`` are the BatchNorm layers over the
+    channels. ``gate_points`` are the modules whose outputs a gate multiplies, chosen so
+    that a closed channel is exactly zero wherever a consumer reads it.
     """
 
     index: int
@@ -312,8 +312,8 @@ class _GraphBuilder:
         self.mark_gate_point_if_unnormalised(node, name, out_space)
 
     def mark_gate_point_if_unnormalised(self, node: fx.Node, name: str, space: int) -> None:
-        # A layer followed only by a BatchNorm is gated after that BatchNorm (which
-        # would turn a zero back into its shift); any other layer is gated itself.
+        # A layer followed only by a BatchNorm is gated after that BatchNorm, because the
+        # BatchNorm would turn a zero back into its shift. Any other layer is gated itself.
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module":
             if isinstance(self.traced.get_submodule(str(users[0].target)), _BatchNorm):

@@ -10,9 +10,9 @@ the budget of every arm alike, and the table prints the budget it was measured a
   compared with.
 - ``polarization``: ``experiment=polarization_resnet20_cifar10_cpu``; gates train with
   the weights, freeze by half of the run, and the smaller network trains to the end.
-- ``l1``: dense training for the first part of the run (the same fraction as the
-  polarization arm's latest freeze), then one-shot removal of the filters with the
-  smallest L1 norms to the same FLOPs (one ratio for every prunable group), then
+- ``l1``: dense training for the first part of the run, the same fraction as the
+  polarization arm's latest freeze. Then one-shot removal of the filters with the
+  smallest L1 norms to the same FLOPs, with one ratio for every prunable group, and
   fine-tuning on the same schedule to the end.
 - ``speed``: CPU inference throughput of each extracted network against the dense
   ResNet-20 (batch 256, channels-last, eval mode, median of several timed runs; the

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["LEANLIGHT_ROOT"] = str(ROOT)
-# Never touch the network from tests, whatever the user's shell says.
+# Tests never reach the network, whatever WANDB_MODE the user's shell sets.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -181,8 +181,8 @@ class EnergyCallback(L.Callback):
     def _finish_window(self, window: str, trainer: L.Trainer) -> None:
         measured = self.meter.end(window)
 
-        # Every rank takes part in the reduction, with 0 where it measured nothing, so
-        # the collective call cannot hang; the total is reported only if some rank measured.
+        # Every rank takes part in the reduction, with 0 where it measured nothing, so the
+        # collective call cannot hang. The total is reported only if some rank measured.
         local = torch.tensor(measured.joules or 0.0, dtype=torch.float64, device=trainer.strategy.root_device)
         total = float(trainer.strategy.reduce(local, reduce_op="sum"))
         if measured.joules is not None:

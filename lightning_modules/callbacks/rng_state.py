@@ -59,8 +59,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 class RNGStateCallback(L.Callback):
     """Save the random generators' state in each checkpoint and restore it on resume.
 
-    Under DDP each rank has its own generators; the checkpoint holds rank zero's, and
-    every rank restores it.
+    Under DDP each rank has its own generators. The checkpoint contains rank zero's
+    state, and every rank restores it.
     """
 
     def state_dict(self) -> dict[str, Any]:
