@@ -8,7 +8,8 @@ Differential Equations" (2021):
   (plus a learned class embedding when the model is class-conditional);
 - a 3x3 input convolution, then one level per channel multiplier, each with
   ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3 convolutions, the embedding
-  added between the two convolutions) and self-attention on chosen levels;
+  added to the normalised activations between the two convolutions) and self-attention on
+  chosen levels;
 - a middle of residual block, self-attention, residual block;
 - a mirrored decoder with ``num_res_blocks + 1`` blocks per level, each taking one skip
   connection from the encoder, and a GroupNorm, SiLU and 3x3 output convolution.
@@ -73,7 +74,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResidualBlock(nn.Module):
-    """Two 3x3 convolutions with GroupNorm and SiLU, the embedding added in between, and a skip path.
+    """Two 3x3 convolutions with GroupNorm and SiLU, the embedding added after the second norm, and a skip path.
 
     With ``resample="down"`` or ``"up"`` the block also halves or doubles the resolution,
     on both paths, before its first convolution (BigGAN's up/down blocks). The second
@@ -114,8 +115,11 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         hidden = F.silu(self.norm1(x))
         hidden = self.conv1(self._resample(hidden))
-        hidden = hidden + self.embedding_projection(F.silu(embedding))[:, :, None, None]
-        hidden = self.conv2(self.dropout(F.silu(self.norm2(hidden))))
+        # The embedding shifts the normalised activations. Added before norm2, as in the original DDPM,
+        # a per-channel shift would be subtracted again by the norm wherever a group has one channel
+        # (group_norm of 32 channels or fewer), so the output would not depend on the timestep.
+        hidden = self.norm2(hidden) + self.embedding_projection(F.silu(embedding))[:, :, None, None]
+        hidden = self.conv2(self.dropout(F.silu(hidden)))
         return self.skip(self._resample(x)) + hidden
 
 
