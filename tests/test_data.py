@@ -717,6 +717,27 @@ def test_cifar10_found_in_search_paths(tmp_path):
     assert labels.shape == (8,)
 
 
+def test_cifar10_downsample_averages_blocks(tmp_path):
+    make_fake_cifar10(tmp_path / "fake")
+    full = CIFAR10DataModule(path=str(tmp_path / "fake"), val_size=10, cache_dir=str(tmp_path / "cache"))
+    half = CIFAR10DataModule(
+        path=str(tmp_path / "fake"), val_size=10, cache_dir=str(tmp_path / "cache"), downsample_factor=2
+    )
+    full_images = full.load_data().test_images.astype(np.float64)
+    half_images = half.load_data().test_images
+
+    assert half.image_size == (16, 16)
+    assert half_images.dtype == np.uint8
+    block_means = full_images.reshape(-1, 16, 2, 16, 2, 3).mean(axis=(2, 4))
+    assert np.abs(half_images - block_means).max() <= 0.5
+
+
+@pytest.mark.parametrize("factor", [0, 3, 2.0, True])
+def test_cifar10_downsample_factor_validated(tmp_path, factor):
+    with pytest.raises(DataError, match="downsample_factor"):
+        CIFAR10DataModule(path=str(tmp_path), downsample_factor=factor)
+
+
 def test_cifar10_missing_error_names_paths(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

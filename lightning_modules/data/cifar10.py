@@ -3,7 +3,7 @@
 import logging
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -149,6 +149,9 @@ class CIFAR10DataModule(InMemoryImageDataModule):
             found, into ``path`` or, if that is None, into ``data_dir``. Needs internet access.
         data_dir: torchvision root, looked at last and used for downloads.
         cache_dir: folder for the cache files of decoded arrays.
+        downsample_factor: average each ``f x f`` block of pixels into one (area
+            downsampling), so 2 gives 16x16 images. Small diffusion models on a CPU learn
+            16x16 CIFAR-10 in far fewer steps than 32x32; 1 keeps the original images.
 
     The defaults hold out 5,000 validation images and augment with a random crop after
     padding by 4 pixels and a horizontal flip, the usual CIFAR-10 recipe. See
@@ -171,7 +174,15 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         crop_padding: int = 4,
         horizontal_flip: bool = True,
         cache_dir: str = DEFAULT_CACHE_DIR,
+        downsample_factor: int = 1,
     ) -> None:
+        if isinstance(downsample_factor, bool) or not isinstance(downsample_factor, int) or downsample_factor < 1:
+            raise DataError(f"downsample_factor must be a positive integer, got {downsample_factor!r}; use 1 for 32x32")
+        if IMAGE_SHAPE[0] % downsample_factor:
+            raise DataError(
+                f"downsample_factor={downsample_factor} does not divide the image size {IMAGE_SHAPE[0]}; "
+                "use 1, 2, 4, 8, 16 or 32"
+            )
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
@@ -191,6 +202,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         self.download = download
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
+        self.downsample_factor = downsample_factor
 
     def candidate_paths(self) -> list[Path]:
         """Return the paths to look at, in order: ``path`` alone, or the search paths and ``data_dir``."""
@@ -213,4 +225,18 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         else:
             data = load_image_folder(source.path, self.cache_dir, channels=IMAGE_SHAPE[2])
         validate_cifar10(data, source.path)
+        if self.downsample_factor > 1:
+            data = area_downsample(data, self.downsample_factor)
+            logger.info("Downsampled CIFAR-10 by %d to %s", self.downsample_factor, data.train_images.shape[1:3])
         return data
+
+
+def area_downsample(data: ImageClassificationData, factor: int) -> ImageClassificationData:
+    """Return ``data`` with every ``factor x factor`` pixel block averaged, rounded to uint8."""
+
+    def downsample(images: np.ndarray) -> np.ndarray:
+        count, height, width, channels = images.shape
+        blocks = images.reshape(count, height // factor, factor, width // factor, factor, channels)
+        return np.rint(blocks.mean(axis=(2, 4), dtype=np.float64)).astype(np.uint8)
+
+    return replace(data, train_images=downsample(data.train_images), test_images=downsample(data.test_images))
