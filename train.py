@@ -10,13 +10,20 @@ import sys
 from pathlib import Path
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
+
+import lightning_modules  # noqa: F401  (registers the resolvers that name run folders)
 
 # Configs refer to the project root (data, logs, cache) through this variable, so a
 # run behaves the same from any working directory.
 os.environ["LEANLIGHT_ROOT"] = str(Path(__file__).resolve().parent)
 
 log = logging.getLogger("train")
+
+# The exit status of a process stopped by SIGTERM (128 + 15), so that `train.py && next step`
+# does not go on with an unfinished run.
+INTERRUPTED_EXIT_STATUS = 143
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -26,6 +33,9 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         summary = train(cfg)
+    except SIGTERMException:
+        log.warning("training stopped on a signal after writing its checkpoint; the same command resumes it")
+        sys.exit(INTERRUPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:
         # leanlight raises these for input a user can fix, with the value and the fix in
         # the message; a traceback would bury it. HYDRA_FULL_ERROR=1 shows the traceback.

@@ -41,6 +41,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_modules.cluster import trainer_plugins
 from lightning_modules.run_summary import collect_summary, save_summary
 from lightning_modules.setup_run import (
     instantiate_callbacks,
@@ -372,6 +373,7 @@ def run_lightning_stage(
         callbacks=callbacks,
         logger=loggers or False,
         precision=resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto")),
+        plugins=trainer_plugins(),
         **overrides,
     )
 

@@ -9,10 +9,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_modules.pipeline import pipeline_class_of
+from lightning_modules.cluster import trainer_plugins
+from lightning_modules.pipeline import STATE_FILE, pipeline_class_of
+from lightning_modules.run_folder import find_resume_checkpoint, resumes_automatically
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
 from lightning_modules.setup_run import (
     check_accelerator,
+    check_checkpoint_file,
     instantiate_callbacks,
     instantiate_loggers,
     instantiate_user_object,
@@ -38,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # A module config whose _target_ is a Pipeline subclass runs its stages, each with its own Trainer.
     pipeline_class = pipeline_class_of(cfg.get("module"))
     if pipeline_class is not None:
+        _log_pipeline_resume(cfg)
         try:
             return pipeline_class(cfg).run()
         finally:
@@ -57,12 +61,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=callbacks,
         logger=loggers or False,
         precision=resolve_precision(cfg.trainer.get("precision", "auto"), cfg.trainer.get("accelerator", "auto")),
+        plugins=trainer_plugins(),
     )
 
     try:
         log_resolved_config(cfg, loggers)
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_lightning_checkpoint(cfg.get("ckpt_path")))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_fit_checkpoint(cfg))
         if cfg.get("test", True):
             trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
 
@@ -87,6 +92,46 @@ def _validate_test_weights(cfg: DictConfig) -> None:
         )
     if not cfg.get("train", True) and cfg.get("test", True) and cfg.get("ckpt_path") is None:
         raise ValueError("train=false tests a trained network: set ckpt_path to a .ckpt file or a run folder")
+
+
+def _fit_checkpoint(cfg: DictConfig) -> str | None:
+    """Return the checkpoint that fit resumes from: ``ckpt_path``, else the run folder's own last.ckpt.
+
+    The run folder's checkpoint is used only when the folder is meant to be reused (a
+    run id, or a SLURM job that may have been requeued); see lightning_modules/run_folder.py.
+    """
+    explicit = resolve_lightning_checkpoint(cfg.get("ckpt_path"))
+    if explicit is not None:
+        log.info("resuming from ckpt_path=%s", explicit)
+        return explicit
+
+    run_id = cfg.get("run_id")
+    found = find_resume_checkpoint(Path(cfg.paths.output_dir))
+    if found is None:
+        return None
+    if not resumes_automatically(run_id):
+        if run_id is None:
+            return None
+        # Only a SLURM-derived run id gets here: a second run inside a job that was not requeued.
+        raise ValueError(
+            f"run folder {cfg.paths.output_dir} already contains {found} from an earlier run of SLURM job "
+            f"{run_id}, and this job was not requeued (SLURM_RESTART_COUNT is 0). Pass run_id=<new name> "
+            "to start a new run, or run_id=<name> with a name of your own to share a folder on purpose"
+        )
+    check_checkpoint_file(found)
+    log.info(
+        "run folder %s already contains %s (run_id=%s), so training resumes from it",
+        cfg.paths.output_dir,
+        found,
+        run_id,
+    )
+    return str(found)
+
+
+def _log_pipeline_resume(cfg: DictConfig) -> None:
+    state_file = Path(cfg.paths.output_dir) / STATE_FILE
+    if cfg.get("ckpt_path") is None and state_file.is_file():
+        log.info("run folder %s already contains %s, so the pipeline resumes from it", cfg.paths.output_dir, state_file)
 
 
 def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:

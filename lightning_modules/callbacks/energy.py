@@ -186,7 +186,10 @@ class EnergyCallback(L.Callback):
         local = torch.tensor(measured.joules or 0.0, dtype=torch.float64, device=trainer.strategy.root_device)
         total = float(trainer.strategy.reduce(local, reduce_op="sum"))
         if measured.joules is not None:
-            measured = MeasuredEnergy(total, measured.seconds, measured.detail)
+            detail = measured.detail
+            if trainer.world_size > 1:
+                detail += f"; total over {trainer.world_size} ranks, parts of rank {trainer.global_rank}"
+            measured = MeasuredEnergy(total, measured.seconds, detail)
             for logger in trainer.loggers:
                 logger.log_metrics({f"energy/{window}_measured_j": total}, step=trainer.global_step)
         self.measured[window] = measured

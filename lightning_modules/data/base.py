@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.data.decode import ImageClassificationData
 from lightning_modules.data.errors import DataError
+from lightning_modules.data.resumable import ResumableDataLoader, ResumableRandomSampler
 from lightning_modules.data.splits import resolve_split_count, split_off, stratified_sample, validate_split_size
 from lightning_modules.data.transforms import BatchTransform, ImageBatch, channel_mean_std
 
@@ -206,10 +207,12 @@ class InMemoryImageDataModule(LightningDataModule, ABC):
             crop_padding=self.crop_padding if train else 0,
             horizontal_flip=self.horizontal_flip if train else False,
         )
-        return DataLoader(
+        # The training loader saves its place in the epoch in checkpoints, for exact mid-epoch resume.
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=ResumableRandomSampler(dataset) if train else None,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

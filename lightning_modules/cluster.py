@@ -1,0 +1,67 @@
+"""Trainer plugins for clusters: atomic checkpoint files and the SLURM environment without Lightning's requeue.
+
+Who handles the preemption signals (one owner, so that handlers do not fight):
+
+- ``PreemptionCheckpoint`` (lightning_modules/callbacks/preemption.py) handles the
+  requeue signals, SIGUSR1 from ``sbatch --signal`` and SIGUSR2 from submitit. It waits
+  for the end of the current training batch, writes ``checkpoints/last.ckpt`` on every
+  rank at the same step, then requeues the job and stops.
+- Lightning's own SLURM requeue is switched off (``SLURMEnvironment(auto_requeue=False)``).
+  Lightning 2.6 writes its ``hpc_ckpt_<n>.ckpt`` from inside the signal handler, in the
+  middle of a step, and calls ``scontrol requeue`` as well. Under submitit, the job
+  would then be requeued twice.
+- Under submitit, submitit's handler is kept and called after the checkpoint is written,
+  so submitit still decides whether to requeue and counts ``max_num_timeout``.
+- SIGTERM stays with Lightning, which stops after the current batch. The callback
+  writes the checkpoint first.
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each local checkpoint to a temporary file in the same folder, then rename it over the target.
+
+    A job killed while writing leaves the previous checkpoint intact. Lightning 2.6
+    writes through a temporary file in the system temp folder and then moves it. On a
+    cluster that folder is often a node's local /tmp, on another file system than the
+    run folder, and the move is then a copy, not an atomic rename. Remote paths (s3://,
+    gs://) are written by Lightning as before.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+
+
+def trainer_plugins() -> list[Any]:
+    """Return the plugins of every leanlight Trainer: atomic checkpoints, and the SLURM environment inside SLURM."""
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
