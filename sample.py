@@ -7,6 +7,14 @@ time. The checkpoint is read with ``torch.load(weights_only=True)``. See configs
 
 With ``metrics.frechet=resnet20 metrics.feature_checkpoint=<classifier run folder or .ckpt>`` it
 also prints the Frechet distance of the samples to ``metrics.data`` (see diffusion/frechet.py).
+
+With ``oms.ckpt_path=<run of module=oms>`` a One More Step module (diffusion/oms.py) maps
+the initial noise to the sampler's first timestep before the base model runs, for any
+sampler, spacing and time shift; ``oms.condition`` and ``oms.guidance`` steer it.
+
+With ``sampler=flow`` the checkpoint is a rectified flow of SlimFlow (``stages/<stage>/flow.pt``
+of ``experiment=slimflow_*``), sampled with ``num_steps`` Euler steps (1 for the one-step
+student) or with ``flow_solver=rk45`` (see lightning_modules/flow_sampling.py).
 """
 
 import json
@@ -33,7 +41,10 @@ from diffusion.frechet import (
     resolve_checkpoint_file,
     resolve_inception_weights,
 )
+from diffusion.oms import OMSHandover, load_oms
+from lightning_modules.callbacks.flops import count_forward_cost
 from lightning_modules.diffusion import (
+    LoadedDenoiser,
     SamplerSettings,
     build_sampler,
     cycle_class_labels,
@@ -43,6 +54,7 @@ from lightning_modules.diffusion import (
     save_grid,
     to_uint8,
 )
+from lightning_modules.flow_sampling import run_flow_sampling
 from lightning_modules.setup_run import instantiate_user_object, resolve_checkpoint_path
 
 # Configs refer to the project root through this variable, as in train.py.
@@ -54,6 +66,15 @@ log = logging.getLogger("sample")
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images from ``cfg.ckpt_path``, write the PNG and npz; return a report."""
     checkpoint_path = resolve_checkpoint_path(cfg.ckpt_path)
+    if cfg.sampler == "flow" and cfg.oms.ckpt_path is not None:
+        raise ValueError(
+            "oms.ckpt_path works with the diffusion samplers ddpm, ddim and dpm_solver, whose first timestep it "
+            "hands over to, not with sampler=flow; set oms.ckpt_path=null"
+        )
+    if cfg.sampler == "flow":
+        # A rectified-flow checkpoint of SlimFlow: Euler with num_steps, or flow_solver=rk45.
+        check_frechet_config(cfg.metrics)
+        return run_flow_sampling(cfg, checkpoint_path, _resolve_device(cfg.device), compute_frechet)
     denoiser = load_denoiser(checkpoint_path, use_ema=cfg.use_ema)
     device = _resolve_device(cfg.device)
     net = denoiser.net.to(device)
@@ -77,6 +98,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
             f"class_label={cfg.class_label} was given, but the checkpoint's model is unconditional; "
             "set class_label=null or pass a checkpoint of a class-conditional model"
         )
+    handover, oms_report = build_oms_handover(cfg.oms, denoiser, cfg.num_samples, device)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,6 +113,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         cfg.seed,
         device,
         class_labels=labels,
+        initial_sample=handover,
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,6 +132,7 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         "flops_per_network_evaluation": flops_per_evaluation,
         "flops_per_image": flops_per_evaluation * evaluations,
         "sampler_wall_time_s": wall_time_s,
+        "oms": oms_report,
     }
 
     output_dir = Path(cfg.output_dir)
@@ -127,6 +151,68 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     if cfg.metrics.frechet is not None:
         report["frechet"] = compute_frechet(cfg.metrics, arrays["images"], device, cfg.paths.cache_dir).describe()
     return report
+
+
+def build_oms_handover(
+    oms: DictConfig, denoiser: LoadedDenoiser, num_samples: int, device: torch.device
+) -> tuple[OMSHandover | None, dict[str, Any] | None]:
+    """Load the One More Step module of ``oms.ckpt_path`` for ``denoiser``; return the step and its report.
+
+    ``oms.condition`` is null (the null condition, the module's unconditional estimate), an
+    integer (that class or brightness bin for every sample) or ``"cycle"`` (0, 1, ... in turn).
+    Returns ``(None, None)`` when ``oms.ckpt_path`` is null.
+    """
+    if oms.ckpt_path is None:
+        if oms.condition is not None:
+            raise ValueError(
+                f"oms.condition={oms.condition} was given without oms.ckpt_path; set oms.ckpt_path=<run of "
+                "module=oms> or oms.condition=null"
+            )
+        return None, None
+
+    checkpoint_path = resolve_checkpoint_path(oms.ckpt_path)
+    loaded = load_oms(checkpoint_path, use_ema=oms.use_ema)
+    if tuple(loaded.image_shape) != tuple(denoiser.image_shape):
+        raise ValueError(
+            f"the OMS module of {checkpoint_path} was trained on images of shape {tuple(loaded.image_shape)}, but "
+            f"the base model makes {tuple(denoiser.image_shape)}; train OMS on the base model's data"
+        )
+
+    network = loaded.network
+    num_conditions = network.num_conditions
+    conditions = None
+    if oms.condition is not None:
+        if num_conditions == 0:
+            raise ValueError(
+                f"oms.condition={oms.condition} was given, but the OMS module of {checkpoint_path} is unconditional; "
+                "set oms.condition=null"
+            )
+        if oms.condition == "cycle":
+            conditions = torch.arange(num_samples, dtype=torch.int64) % num_conditions
+        elif isinstance(oms.condition, int) and 0 <= oms.condition < num_conditions:
+            conditions = torch.full((num_samples,), oms.condition, dtype=torch.int64)
+        else:
+            raise ValueError(
+                f"oms.condition={oms.condition} is invalid for a module with {num_conditions} {loaded.condition} "
+                f"conditions; use null, cycle or an integer from 0 to {num_conditions - 1}"
+            )
+
+    guided = conditions is not None
+    evaluations = 2 if guided else 1
+    example = torch.zeros((1, *loaded.image_shape))
+    flops = count_forward_cost(network, example).flops * evaluations
+    report = {
+        "checkpoint": checkpoint_path,
+        "condition_kind": loaded.condition,
+        "condition": oms.condition,
+        "guidance": float(oms.guidance) if guided else None,
+        "network_evaluations_per_image": evaluations,
+        "flops_per_image": flops,
+    }
+    if loaded.brightness_bins is not None and isinstance(oms.condition, int):
+        report["target_brightness"] = loaded.brightness_bins.bin_means[oms.condition]
+    network.to(device)
+    return OMSHandover(network, conditions, float(oms.guidance)), report
 
 
 def check_frechet_config(metrics: DictConfig) -> None:
@@ -188,17 +274,32 @@ def format_report(report: dict[str, Any]) -> str:
         ("grid", report["png"]),
         ("arrays", report["npz"]),
     ]
+    if report.get("oms") is not None:
+        rows.append(("One More Step", describe_oms(report["oms"])))
     if "frechet" in report:
         rows.append(("Frechet distance", report["frechet"]))
     width = max(len(label) for label, _ in rows)
     return "\n".join(["", "leanlight samples"] + [f"  {label:<{width}}  {value}" for label, value in rows]) + "\n"
 
 
+def describe_oms(oms: dict[str, Any]) -> str:
+    """Return one line on the OMS step of a report: checkpoint, condition, guidance and cost."""
+    text = f"used, {oms['checkpoint']} ({oms['condition_kind']} module"
+    if oms["condition"] is None:
+        text += ", null condition"
+    else:
+        text += f", condition {oms['condition']}, guidance {oms['guidance']:g}"
+    if "target_brightness" in oms:
+        text += f", target brightness {oms['target_brightness']:.3f}"
+    evaluations = oms["network_evaluations_per_image"]
+    return text + f"; {evaluations} OMS evaluations, {oms['flops_per_image'] / 1e6:.4g} MFLOPs per image)"
+
+
 def _sampling_settings(cfg: DictConfig) -> dict[str, Any]:
     """Return the config keys that decide the samples, as plain values for the npz file."""
-    keys = ("ckpt_path", "use_ema", "sampler", "num_steps", "spacing", "eta", "clip_x0", "time_shift")
+    keys = ("ckpt_path", "use_ema", "sampler", "num_steps", "spacing", "eta", "clip_x0", "time_shift", "oms")
     keys += ("seed", "num_samples", "batch_size", "class_label", "device")
-    return {key: OmegaConf.to_container(cfg[key]) if key == "time_shift" else cfg[key] for key in keys}
+    return {key: OmegaConf.to_container(cfg[key]) if key in ("time_shift", "oms") else cfg[key] for key in keys}
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -6,6 +6,12 @@
   linspace timestep spacing.
 - :mod:`diffusion.time_shift`: time-shift sampling (Li et al., ICLR 2024), an option of
   every sampler.
+- :mod:`diffusion.rectified_flow`, :mod:`diffusion.reflow_pairs` and :mod:`diffusion.slimflow`:
+  rectified flow with Euler and RK45 sampling, reflow pair shards, and SlimFlow's
+  Annealing Reflow and Flow-Guided Distillation objectives.
+- :mod:`diffusion.oms` and :mod:`diffusion.oms_metrics`: One More Step (Hu et al., CVPR
+  2024), a small network and one step from pure noise to a base sampler's first timestep,
+  and the brightness measurements that show what it changes.
 """
 
 from diffusion.prediction import (

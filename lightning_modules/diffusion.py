@@ -15,7 +15,7 @@ image shape. ``sample.py`` rebuilds the network from it with ``torch.load(weight
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,9 @@ NET_STATE_PREFIX = "net."
 
 # Images in a sample grid under the trainer's fast_dev_run.
 FAST_DEV_RUN_GRID_SAMPLES = 8
+
+# initial_sample(noise, alphabar_first, indices) -> the sample a sampler starts from (see generate_samples).
+InitialSampleFunction = Callable[[torch.Tensor, float, slice], torch.Tensor]
 
 COST_DESCRIPTION = "one network evaluation (the denoiser on one image and a timestep), torch.utils.flop_counter"
 
@@ -248,6 +251,7 @@ def generate_samples(
     seed: int,
     device: torch.device | str,
     class_labels: torch.Tensor | None = None,
+    initial_sample: InitialSampleFunction | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sample ``num_samples`` images in batches; return them on the CPU in [-1, 1] and the NFE per image.
 
@@ -262,6 +266,11 @@ def generate_samples(
             ``class_labels=`` for a class-conditional network.
         image_shape: ``(C, H, W)``.
         class_labels: int64 ``(num_samples,)`` for a class-conditional network, else None.
+        initial_sample: called as ``initial_sample(noise, alphabar_first, indices)`` on each
+            batch of pure noise. ``alphabar_first`` is alphabar at the sampler's first timestep
+            and ``indices`` the batch's slice of the ``num_samples`` images. It returns the
+            sample the sampler starts from (One More Step, :class:`diffusion.oms.OMSHandover`).
+            None starts from the noise. Its network evaluations are not counted in the returned NFE.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
@@ -269,7 +278,7 @@ def generate_samples(
     net.eval()
     try:
         return _sample_in_batches(
-            net, sampler, settings, image_shape, num_samples, batch_size, seed, device, class_labels
+            net, sampler, settings, image_shape, num_samples, batch_size, seed, device, class_labels, initial_sample
         )
     finally:
         net.train(was_training)
@@ -285,6 +294,7 @@ def _sample_in_batches(
     seed: int,
     device: torch.device | str,
     class_labels: torch.Tensor | None,
+    initial_sample: InitialSampleFunction | None = None,
 ) -> tuple[torch.Tensor, int]:
     device = torch.device(device)
     noise = torch.randn((num_samples, *image_shape), generator=torch.Generator().manual_seed(seed))
@@ -293,6 +303,12 @@ def _sample_in_batches(
     evaluations = 0
     for start in range(0, num_samples, batch_size):
         batch_noise = noise[start : start + batch_size].to(device)
+        if initial_sample is not None:
+            # set_timesteps fixes the first timestep for this sampler, step count and spacing;
+            # sampler.sample below calls it again and gets the same timesteps.
+            sampler.set_timesteps(settings.num_steps, settings.spacing)
+            alphabar_first = float(sampler.alphabar[sampler.timesteps[0]])
+            batch_noise = initial_sample(batch_noise, alphabar_first, slice(start, start + len(batch_noise)))
         step_generator = torch.Generator(device=device).manual_seed(seed + 1 + start)
         model_kwargs = {}
         if class_labels is not None:
