@@ -1,0 +1,322 @@
+"""Time-shift sampling against plain sampling: Frechet distance and wall time, per sampler and step count.
+
+One trained DDPM checkpoint (``python train.py module=ddpm ...``) is sampled with DDPM,
+DDIM (eta 0) and DPM-Solver++(2M), each at every step count of ``--steps``, with and
+without time-shift, for every seed of ``--seeds``. Every configuration is scored by the
+Frechet distance of its samples to the training images, in the feature space of the
+classifier of ``--feature-checkpoint`` (for example "FD-ResNet20 (256 samples)"), and
+timed. The two arms of a configuration run one after the other with the same initial
+noise, so load from other processes affects both alike.
+
+``--alphabar-choice`` adds, at the step counts it names, the other place where the
+shifted timestep can enter the update (``shift_alphabar`` false: only the model's time
+input changes). See :mod:`diffusion.time_shift` for what each choice does.
+
+Each result is appended to ``<output>/results.jsonl`` as soon as it is measured, and
+configurations already there are skipped, so an interrupted run continues where it
+stopped. ``--report-only`` prints the table and draws the plot from that file.
+
+    python scripts/benchmark_time_shift.py --checkpoint logs/ddpm_cifar10_cpu/runs/<time> \\
+        --feature-checkpoint logs/cifar10_resnet20/runs/<time> --output /tmp/bench_time_shift
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["LEANLIGHT_ROOT"] = str(ROOT)
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from diffusion.frechet import (  # noqa: E402
+    frechet_distance_to_reference,
+    load_feature_network,
+    reference_data_from_datamodule,
+    reference_statistics,
+)
+from lightning_modules.diffusion import (  # noqa: E402
+    SamplerSettings,
+    build_sampler,
+    generate_samples,
+    load_denoiser,
+    per_evaluation_flops,
+    to_uint8,
+)
+from lightning_modules.setup_run import instantiate_user_object, resolve_checkpoint_path  # noqa: E402
+
+SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+RESULTS_FILE = "results.jsonl"
+
+
+def configuration_key(entry: dict[str, Any]) -> tuple:
+    return (entry["sampler"], entry["steps"], entry["window"], entry["shift_alphabar"], entry["seed"])
+
+
+def load_results(output: Path) -> list[dict[str, Any]]:
+    path = output / RESULTS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def reference_data(data_overrides: list[str]) -> Any:
+    """Build the data module of ``configs/data/<name>`` with the overrides, as the DDPM run saw its data."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=data_overrides)
+    return instantiate_user_object(cfg.data)
+
+
+def planned_configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """List every configuration to measure, the time-shift arms next to their plain arm."""
+    plans = []
+    for steps in args.steps:
+        for seed in args.seeds:
+            for sampler in args.samplers:
+                plans.append({"sampler": sampler, "steps": steps, "window": 0, "shift_alphabar": True, "seed": seed})
+                for window in args.windows:
+                    plans.append(
+                        {"sampler": sampler, "steps": steps, "window": window, "shift_alphabar": True, "seed": seed}
+                    )
+                    if steps in args.alphabar_choice:
+                        plans.append(
+                            {
+                                "sampler": sampler,
+                                "steps": steps,
+                                "window": window,
+                                "shift_alphabar": False,
+                                "seed": seed,
+                            }
+                        )
+    return plans
+
+
+def measure(args: argparse.Namespace) -> None:
+    args.output.mkdir(parents=True, exist_ok=True)
+    done = {configuration_key(entry) for entry in load_results(args.output)}
+    plans = [plan for plan in planned_configurations(args) if configuration_key(plan) not in done]
+    print(f"{len(plans)} configurations to measure, {len(done)} already in {args.output / RESULTS_FILE}", flush=True)
+    if not plans:
+        return
+
+    denoiser = load_denoiser(resolve_checkpoint_path(args.checkpoint), use_ema=not args.no_ema)
+    datamodule = reference_data(args.data_override or ["data=cifar10"])
+    reference = reference_data_from_datamodule(datamodule, "train")
+    if tuple(reference.images.shape[1:]) != (denoiser.image_shape[1], denoiser.image_shape[2], denoiser.image_shape[0]):
+        raise ValueError(
+            f"the reference images have shape {reference.images.shape[1:]} (H, W, C) but the model makes "
+            f"{denoiser.image_shape} (C, H, W); pass the model's data options with --data-override"
+        )
+    # NOTE: the feature checkpoint does not store its normalisation, so the reference data
+    # module's is used; it matches when the classifier trained on the same data options.
+    network = load_feature_network(args.feature_checkpoint, reference.mean, reference.std)
+    cache_dir = args.cache_dir or ROOT / ".cache"
+    reference_stats = reference_statistics(reference.images, network, reference.label, cache_dir, 256, "cpu")
+    flops_per_evaluation = per_evaluation_flops(denoiser.net, denoiser.image_shape, "cpu")
+
+    with (args.output / RESULTS_FILE).open("a") as results:
+        for plan in plans:
+            settings = SamplerSettings(
+                name=plan["sampler"],
+                num_steps=plan["steps"],
+                spacing=args.spacing,
+                eta=0.0,
+                time_shift={"window": plan["window"], "cutoff": args.cutoff, "shift_alphabar": plan["shift_alphabar"]},
+            )
+            sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
+            start = time.perf_counter()
+            samples, evaluations = generate_samples(
+                denoiser.net,
+                sampler,
+                settings,
+                denoiser.image_shape,
+                args.num_samples,
+                args.batch_size,
+                plan["seed"],
+                "cpu",
+            )
+            wall = time.perf_counter() - start
+            images = to_uint8(samples).permute(0, 2, 3, 1).numpy()
+            frechet = frechet_distance_to_reference(images, network, reference_stats, reference.label, 256, "cpu")
+            entry = {
+                **plan,
+                "cutoff": args.cutoff if plan["window"] else None,
+                "spacing": args.spacing,
+                "describe": settings.describe(),
+                "frechet": frechet.value,
+                "metric": frechet.name,
+                "num_samples": args.num_samples,
+                "wall_s": wall,
+                "wall_s_per_image": wall / args.num_samples,
+                "evaluations_per_image": evaluations,
+                "gflops_per_image": flops_per_evaluation * evaluations / 1e9,
+                "brightness_mean": float(np.mean(images) / 255),
+                "threads": torch.get_num_threads(),
+            }
+            results.write(json.dumps(entry) + "\n")
+            results.flush()
+            print(f"{settings.describe()}, seed {plan['seed']}: {frechet.describe()}, {wall:.1f} s", flush=True)
+
+
+def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group the results by configuration over the seeds: mean and spread of the distance, time-shift's gain."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault((entry["sampler"], entry["steps"], entry["window"], entry["shift_alphabar"]), []).append(
+            entry
+        )
+
+    rows = []
+    for (sampler, steps, window, shift_alphabar), group in sorted(groups.items()):
+        plain = {entry["seed"]: entry for entry in groups.get((sampler, steps, 0, True), [])}
+        paired = [entry for entry in group if entry["seed"] in plain]
+        values = [entry["frechet"] for entry in group]
+        row = {
+            "sampler": sampler,
+            "steps": steps,
+            "window": window,
+            "shift_alphabar": shift_alphabar,
+            "seeds": len(group),
+            "frechet_mean": statistics.mean(values),
+            "frechet_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "metric": group[0]["metric"],
+            "gflops_per_image": group[0]["gflops_per_image"],
+        }
+        if window and paired:
+            gains = [1 - entry["frechet"] / plain[entry["seed"]]["frechet"] for entry in paired]
+            # The seeds' ratios of time-shift's wall time to the plain arm's, the arms timed back to back.
+            overheads = [entry["wall_s"] / plain[entry["seed"]]["wall_s"] - 1 for entry in paired]
+            row["gain_mean"] = statistics.mean(gains)
+            row["gain_min"] = min(gains)
+            row["improved_seeds"] = sum(gain > 0 for gain in gains)
+            row["wall_overhead_median"] = statistics.median(overheads)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], entries: list[dict[str, Any]]) -> str:
+    first = entries[0]
+    lines = [
+        f"{first['metric']} per seed, mean +- std over seeds; spacing {first['spacing']}, "
+        f"time-shift cutoff {next((e['cutoff'] for e in entries if e['window']), '-')}",
+        "",
+        "| sampler | steps | time-shift | FD | gain vs plain (mean, worst seed) | seeds improved | wall overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["window"] == 0:
+            arm = "off"
+        else:
+            arm = f"w={row['window']}" + ("" if row["shift_alphabar"] else ", time input only")
+        gain = overhead = improved = "-"
+        if "gain_mean" in row:
+            gain = f"{100 * row['gain_mean']:+.1f} %, {100 * row['gain_min']:+.1f} %"
+            improved = f"{row['improved_seeds']}/{row['seeds']}"
+            overhead = f"{100 * row['wall_overhead_median']:+.1f} %"
+        lines.append(
+            f"| {row['sampler']} | {row['steps']} | {arm} | {row['frechet_mean']:.3f} +- {row['frechet_std']:.3f} "
+            f"| {gain} | {improved} | {overhead} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(SAMPLERS), figsize=(4 * len(SAMPLERS), 3.5), sharey=True)
+    for axis, sampler in zip(axes, SAMPLERS, strict=True):
+        arms = sorted({(row["window"], row["shift_alphabar"]) for row in rows if row["sampler"] == sampler})
+        for window, shift_alphabar in arms:
+            selected = [
+                row
+                for row in rows
+                if row["sampler"] == sampler and row["window"] == window and row["shift_alphabar"] == shift_alphabar
+            ]
+            selected.sort(key=lambda row: row["steps"])
+            label = "plain" if window == 0 else f"time-shift w={window}" + ("" if shift_alphabar else " (time input)")
+            axis.errorbar(
+                [row["steps"] for row in selected],
+                [row["frechet_mean"] for row in selected],
+                yerr=[row["frechet_std"] for row in selected],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        axis.set_xscale("log")
+        axis.set_title(sampler)
+        axis.set_xlabel("sampling steps")
+    axes[0].set_ylabel(rows[0]["metric"] if rows else "Frechet distance")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def report(output: Path) -> None:
+    entries = load_results(output)
+    if not entries:
+        print(f"no results in {output / RESULTS_FILE}")
+        return
+    rows = summarise(entries)
+    table = format_table(rows, entries)
+    (output / "report.md").write_text(table + "\n")
+    (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table)
+    print(f"plot: {plot(rows, output / 'frechet_vs_steps.png')}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="DDPM run folder or .ckpt (module=ddpm)")
+    parser.add_argument("--feature-checkpoint", help="run folder or .ckpt of a CIFAR ResNet classifier")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument(
+        "--data-override",
+        action="append",
+        default=None,
+        help="Hydra override of the model's data, e.g. data=digits or data.downsample_factor=2; default data=cifar10",
+    )
+    parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 5, 20, 50], help="measured in this order")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--windows", type=int, nargs="+", default=[40], help="time-shift windows, training timesteps")
+    parser.add_argument("--cutoff", type=int, default=300, help="time-shift cutoff, training timesteps")
+    parser.add_argument("--alphabar-choice", type=int, nargs="*", default=[10], help="steps with both update choices")
+    parser.add_argument("--spacing", default="trailing")
+    parser.add_argument("--num-samples", type=int, default=256, help="samples per configuration and seed")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--no-ema", action="store_true", help="sample with the trained weights, not the EMA")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="reference statistics cache; default .cache")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.report_only:
+        if not args.checkpoint or not args.feature_checkpoint:
+            raise SystemExit("--checkpoint and --feature-checkpoint are required unless --report-only is given")
+        measure(args)
+    report(args.output)
+
+
+if __name__ == "__main__":
+    main()
