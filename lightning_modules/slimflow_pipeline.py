@@ -148,18 +148,20 @@ class SlimFlowPipeline(Pipeline):
         teacher = teacher.to(device)
         velocity = network_velocity(teacher)
         evaluations: list[int] = []
+        num_pairs, solver_name, num_steps = options.num_pairs, options.solver, options.num_steps
+        if self.cfg.trainer.get("fast_dev_run"):
+            # A smoke test runs one batch of everything. One Euler step stands in for the solver,
+            # because an adaptive solve through an untrained paper-scale teacher takes hours on a CPU.
+            num_pairs, solver_name, num_steps = min(num_pairs, 2 * options.shard_size, 64), "euler", 1
 
         def teacher_map(z0: torch.Tensor) -> torch.Tensor:
-            x1, count = sample_flow(
-                velocity, z0, options.solver, options.num_steps, rtol=options.rtol, atol=options.atol
-            )
+            x1, count = sample_flow(velocity, z0, solver_name, num_steps, rtol=options.rtol, atol=options.atol)
             evaluations.append(count)
             return x1.clamp(-1.0, 1.0) if options.clamp else x1
 
-        num_pairs = options.num_pairs
-        if self.cfg.trainer.get("fast_dev_run"):
-            num_pairs = min(num_pairs, 2 * options.shard_size, 64)
         solver = _describe_solver(options)
+        if self.cfg.trainer.get("fast_dev_run"):
+            solver = "Euler, 1 step (fast_dev_run)"
         start = time.perf_counter()
         shards = generate_reflow_pairs(
             teacher_map,
