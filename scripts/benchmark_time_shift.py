@@ -298,6 +298,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
                 label=label,
             )
         axis.set_xscale("log")
+        steps = sorted({row["steps"] for row in rows})
+        axis.set_xticks(steps, [str(count) for count in steps])
+        axis.minorticks_off()
         axis.set_title(sampler)
         axis.set_xlabel("sampling steps")
     axes[0].set_ylabel(rows[0]["metric"] if rows else "Frechet distance")
