@@ -145,7 +145,7 @@ def manifest_shards(folder: Path) -> list[Path]:
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         raise FileNotFoundError(
-            f"no {MANIFEST_FILE} in {folder}, so it holds no finished reflow pairs; generate them first"
+            f"{MANIFEST_FILE} not found in {folder}, so it contains no finished reflow pairs; generate them first"
         )
     manifest = json.loads(manifest_path.read_text())
     paths = [folder / entry["file"] for entry in manifest["shards"]]

@@ -97,8 +97,8 @@ def _validate_test_weights(cfg: DictConfig) -> None:
 def _fit_checkpoint(cfg: DictConfig) -> str | None:
     """Return the checkpoint that fit resumes from: ``ckpt_path``, else the run folder's own last.ckpt.
 
-    The run folder's checkpoint is used only when the folder is meant to be reused (a
-    run id, or a SLURM job that may have been requeued); see lightning_modules/run_folder.py.
+    The run folder's checkpoint is used only when the folder is reused on purpose: a run id
+    of the user's, or a SLURM job that was requeued. lightning_modules/run_folder.py has the rule.
     """
     explicit = resolve_lightning_checkpoint(cfg.get("ckpt_path"))
     if explicit is not None:
