@@ -1,8 +1,9 @@
 """Reflow pairs ``(z0, x1 = teacher(z0))`` written in resumable shards, and a Dataset over them.
 
 Each shard ``shard_00000.pt`` contains ``z0`` and ``x1`` (float32 ``(n, C, H, W)``), its index and
-the seed of the CPU generator that drew its noise: ``seed = base_seed + index``. The same
-seed and teacher give the same pairs, up to the floating-point rounding of the device.
+the seed of the CPU generator that drew its noise, derived from ``(base_seed, index)``
+by :func:`shard_seed`. The same base seed and teacher give the same pairs, up to the
+floating-point rounding of the device.
 A shard is written to a temporary file and renamed, so a killed job leaves only complete
 shards, and :func:`generate_reflow_pairs` skips the shards that are already there.
 """
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_modules.seeds import derive_seed
+
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard_{:05d}.pt"
@@ -27,8 +30,8 @@ TeacherMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def shard_seed(base_seed: int, index: int) -> int:
-    """Return the seed of shard ``index``'s noise generator."""
-    return base_seed + index
+    """Return the seed of shard ``index``'s noise generator, unrelated to the seeds of other ``(base_seed, index)``."""
+    return derive_seed(base_seed, index)
 
 
 def shard_sizes(num_pairs: int, shard_size: int) -> list[int]:
@@ -85,7 +88,7 @@ def generate_reflow_pairs(
     """Write ``num_pairs`` pairs ``(z0, teacher(z0))`` in shards to ``folder``; return the shard paths.
 
     Complete shards already in ``folder`` (right count, seed and shape) are skipped. The
-    noise of shard ``i`` comes from a CPU generator seeded with ``base_seed + i`` and the
+    noise of shard ``i`` comes from a CPU generator seeded with ``shard_seed(base_seed, i)`` and the
     teacher runs on ``device`` in batches of ``batch_size`` (the shard size by default).
     ``description`` (the teacher and solver, say) is stored in ``pairs.json`` with the seeds.
     """

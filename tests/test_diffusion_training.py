@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from lightning_modules.diffusion import EMA, DDPMModule
+from lightning_modules.diffusion import EMA, DDPMModule, SamplerSettings, generate_samples
 from lightning_modules.training import train
 from models import create_model
 from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
@@ -173,6 +173,32 @@ def test_optimizer_excludes_ema_weights() -> None:
     optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
     assert optimized == {id(parameter) for parameter in module.net.parameters()}
     assert optimized.isdisjoint(id(parameter) for parameter in module.ema.parameters())
+
+
+class NoiseRecordingSampler:
+    """Stands in for a sampler: returns its initial noise and records the first draw of its step generator."""
+
+    def __init__(self) -> None:
+        self.step_draws: list[torch.Tensor] = []
+
+    def sample(self, net: nn.Module, shape: tuple[int, ...], *, generator: torch.Generator, noise: torch.Tensor, **_):
+        self.step_draws.append(torch.randn(shape, generator=generator))
+        return SimpleNamespace(samples=noise, num_model_evaluations=1)
+
+
+def test_step_noise_independent_of_seeds() -> None:
+    # With a step seed of seed + 1 + start, DDPM's step noise under seed 0 replayed the initial noise of seed 1.
+    settings = SamplerSettings(name="ddpm", num_steps=2)
+    samplers = [NoiseRecordingSampler() for _ in range(3)]
+    initial = [
+        generate_samples(nn.Identity(), sampler, settings, (1, 4, 4), 4, 4, seed, "cpu")[0]
+        for seed, sampler in enumerate(samplers)
+    ]
+
+    for sampler in samplers:
+        for initial_noise in initial:
+            assert not torch.allclose(sampler.step_draws[0], initial_noise)
+    assert not torch.allclose(samplers[0].step_draws[0], samplers[1].step_draws[0])
 
 
 def test_ddpm_digits_runs_one_batch(compose_config: ComposeConfig, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from diffusion.rectified_flow import (
     rk45_sample,
     sample_time,
 )
-from diffusion.reflow_pairs import ReflowPairDataset, generate_reflow_pairs, read_shard
+from diffusion.reflow_pairs import ReflowPairDataset, generate_reflow_pairs, read_shard, shard_seed
 from diffusion.slimflow import (
     anneal_noise,
     annealing_beta,
@@ -34,6 +34,7 @@ from diffusion.slimflow import (
     pseudo_huber_distance,
 )
 from lightning_modules.pipeline import STATE_FILE
+from lightning_modules.seeds import derive_seed
 from lightning_modules.slimflow import RectifiedFlowModule, load_flow_model, save_flow_checkpoint
 from lightning_modules.training import train
 from models import create_model
@@ -145,9 +146,31 @@ def test_pairs_same_seed_are_identical(tmp_path: Path) -> None:
     assert torch.equal(first.z0, second.z0)
     assert torch.equal(first.x1, second.x1)
     assert not torch.equal(first.z0, other.z0)
-    assert first.seeds == [7, 8, 9]
+    expected_seeds = [shard_seed(7, index) for index in range(3)]
+    assert first.seeds == expected_seeds
     manifest = json.loads((tmp_path / "a" / "pairs.json").read_text())
-    assert [shard["seed"] for shard in manifest["shards"]] == [7, 8, 9]
+    assert [shard["seed"] for shard in manifest["shards"]] == expected_seeds
+
+
+def test_neighbouring_seeds_share_no_pairs(tmp_path: Path) -> None:
+    # With seed = base_seed + index, the sets of base seeds 7 and 8 shared two of three shards.
+    shape = (1, 4, 4)
+    generate_reflow_pairs(CountingTeacher(), tmp_path / "a", 12, 4, shape, base_seed=7)
+    generate_reflow_pairs(CountingTeacher(), tmp_path / "b", 12, 4, shape, base_seed=8)
+    first, second = ReflowPairDataset(tmp_path / "a"), ReflowPairDataset(tmp_path / "b")
+
+    assert torch.cdist(first.z0.flatten(1), second.z0.flatten(1)).min() > 1.0
+    assert not set(first.seeds) & set(second.seeds)
+
+
+def test_derived_seeds_differ_across_keys() -> None:
+    # With seed + index, stage 1 of the run with seed 0 repeated stage 0 of the run with seed 1.
+    seeds = [derive_seed(seed, index) for seed in range(4) for index in range(4)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= seed < 2**32 for seed in seeds)
+    assert derive_seed(3, 2) == derive_seed(3, 2)
+    with pytest.raises(ValueError, match="seed=0 or above"):
+        derive_seed(-1, 0)
 
 
 def test_pair_shards_resume(tmp_path: Path) -> None:
