@@ -2,8 +2,9 @@
 
 Writes ``samples.png`` (a grid) and ``samples.npz`` (uint8 images ``(N, H, W, C)``, the
 class labels of a class-conditional model, and the settings as JSON) to the output
-folder, and prints the network evaluations and FLOPs per image and the sampler's wall
-time. The checkpoint is read with ``torch.load(weights_only=True)``. See configs/sample.yaml.
+folder, and prints the network evaluations and FLOPs per image (the OMS step included)
+and the sampler's wall time. The checkpoint is read with ``torch.load(weights_only=True)``.
+See configs/sample.yaml.
 
 With ``metrics.frechet=resnet20 metrics.feature_checkpoint=<classifier run folder or .ckpt>`` it
 also prints the Frechet distance of the samples to ``metrics.data`` (see diffusion/frechet.py).
@@ -120,6 +121,9 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     wall_time_s = time.perf_counter() - start
 
     flops_per_evaluation = per_evaluation_flops(net, denoiser.image_shape, device)
+    # The headline cost is the whole generation: the base model's steps plus the OMS step.
+    oms_evaluations = 0 if oms_report is None else oms_report["network_evaluations_per_image"]
+    oms_flops = 0 if oms_report is None else oms_report["flops_per_image"]
     report = {
         "checkpoint": checkpoint_path,
         "weights": "EMA" if cfg.use_ema else "trained (no EMA)",
@@ -128,9 +132,10 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "device": str(device),
-        "network_evaluations_per_image": evaluations,
+        "network_evaluations_per_image": evaluations + oms_evaluations,
+        "base_network_evaluations_per_image": evaluations,
         "flops_per_network_evaluation": flops_per_evaluation,
-        "flops_per_image": flops_per_evaluation * evaluations,
+        "flops_per_image": flops_per_evaluation * evaluations + oms_flops,
         "sampler_wall_time_s": wall_time_s,
         "oms": oms_report,
     }
@@ -263,11 +268,11 @@ def format_report(report: dict[str, Any]) -> str:
         ("checkpoint", f"{report['checkpoint']} ({report['weights']} weights)"),
         ("sampler", report["sampler"]),
         ("samples", f"{report['num_samples']} in batches of {report['batch_size']}, seed {report['seed']}"),
-        ("network evaluations", f"{report['network_evaluations_per_image']} per image"),
+        ("network evaluations", describe_evaluations(report)),
         (
             "FLOPs per image",
             f"{report['flops_per_image'] / 1e9:.4g} GFLOPs "
-            f"({report['flops_per_network_evaluation'] / 1e6:.4g} MFLOPs per network evaluation, "
+            f"({report['flops_per_network_evaluation'] / 1e6:.4g} MFLOPs per base network evaluation, "
             "2 per MAC, convolutions and matrix products)",
         ),
         ("sampler wall time", f"{report['sampler_wall_time_s']:.2f} s on {report['device']}"),
@@ -280,6 +285,15 @@ def format_report(report: dict[str, Any]) -> str:
         rows.append(("Frechet distance", report["frechet"]))
     width = max(len(label) for label, _ in rows)
     return "\n".join(["", "leanlight samples"] + [f"  {label:<{width}}  {value}" for label, value in rows]) + "\n"
+
+
+def describe_evaluations(report: dict[str, Any]) -> str:
+    """Return the network evaluations per image, split into base model and OMS when OMS ran."""
+    total = report["network_evaluations_per_image"]
+    if report.get("oms") is None:
+        return f"{total} per image"
+    base = report["base_network_evaluations_per_image"]
+    return f"{total} per image ({base} of the base model, {total - base} of the OMS module)"
 
 
 def describe_oms(oms: dict[str, Any]) -> str:

@@ -410,6 +410,41 @@ def test_base_weights_unchanged_by_oms(
     assert all(parameter.grad is None for parameter in base.parameters())
 
 
+def test_oms_handover_follows_brightness_bins(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    # Ten epochs (about 100 steps, seconds on a CPU) are enough for the bins to order the x0 estimates.
+    cfg = compose_config(
+        "experiment=oms_digits",
+        "module.condition=brightness",
+        "module.brightness_bins.num_bins=3",
+        *QUICK,
+        "trainer.max_epochs=10",
+        "trainer.limit_val_batches=1",
+        "test=false",
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "oms")
+    train(cfg)
+    loaded = load_oms(tmp_path / "oms" / "checkpoints" / "last.ckpt")
+    noise = torch.randn((64, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    bins = torch.arange(3)
+
+    x0_brightness = [image_brightness(guided_x0(loaded.network, noise, torch.full((64,), b), 1.0)).mean() for b in bins]
+    assert x0_brightness[0] < x0_brightness[1] < x0_brightness[2]
+
+    # The same module hands over to two base samplers with different first timesteps, and
+    # a brighter bin gives a brighter starting sample in both.
+    alphabar = make_schedule("scaled_linear", 1000)
+    for name, steps, spacing in (("ddim", 4, "trailing"), ("dpm_solver", 5, "leading")):
+        sampler = build_sampler(SamplerSettings(name=name, num_steps=steps, spacing=spacing), alphabar, "epsilon")
+        sampler.set_timesteps(steps, spacing)
+        alphabar_first = float(alphabar[sampler.timesteps[0]])
+        starts = [
+            OMSHandover(loaded.network, torch.full((64,), b), guidance=2.0)(noise, alphabar_first, slice(0, 64)).mean()
+            for b in bins
+        ]
+        assert starts[0] < starts[1] < starts[2], (name, starts)
+
+
 def test_one_oms_drives_two_base_models(
     compose_config: ComposeConfig, oms_brightness_run: Path, tmp_path: Path
 ) -> None:
@@ -445,6 +480,11 @@ def test_one_oms_drives_two_base_models(
 
         assert with_oms["oms"]["condition_kind"] == "brightness"
         assert with_oms["oms"]["network_evaluations_per_image"] == 2
+        # The headline cost counts the guided OMS step's two evaluations and their FLOPs.
+        assert with_oms["network_evaluations_per_image"] == without["network_evaluations_per_image"] + 2
+        assert with_oms["base_network_evaluations_per_image"] == without["network_evaluations_per_image"]
+        assert with_oms["flops_per_image"] == without["flops_per_image"] + with_oms["oms"]["flops_per_image"]
+        assert "of the OMS module" in sample.format_report(with_oms)
         assert without["oms"] is None
         arrays = np.load(tmp_path / name / "samples.npz")
         settings = json.loads(str(arrays["settings"]))
