@@ -33,6 +33,23 @@ def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
+def scheduled_optimizer(
+    trainer: L.Trainer, optimizer: torch.optim.Optimizer, scheduler_options: dict[str, Any]
+) -> dict[str, Any]:
+    """Return ``configure_optimizers``' dict: ``optimizer`` and the scheduler of ``scheduler_options``.
+
+    The scheduler steps once per optimizer step (see :mod:`lightning_modules.schedules`).
+    """
+    total_steps = int(trainer.estimated_stepping_batches)
+    steps_per_epoch = optimizer_steps_per_epoch(trainer)
+    scheduler = build_scheduler(
+        optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **scheduler_options
+    )
+    if scheduler is None:
+        return {"optimizer": optimizer}
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class ClassifierModule(LightningModule):
     """Train ``net`` with cross-entropy and report top-1/top-5 accuracy.
 
@@ -133,15 +150,7 @@ class ClassifierModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self._parameter_groups())
-
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
-        scheduler = build_scheduler(
-            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **self.scheduler_options
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return scheduled_optimizer(self.trainer, optimizer, self.scheduler_options)
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         if self.decay_norm_and_bias:

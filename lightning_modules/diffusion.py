@@ -45,8 +45,8 @@ from diffusion import (
 from diffusion.prediction import validate_prediction_type
 from lightning_modules.callbacks.energy import OperationCounts
 from lightning_modules.callbacks.flops import count_forward_cost
-from lightning_modules.classifier import OptimizerFactory, optimizer_steps_per_epoch
-from lightning_modules.schedules import build_scheduler
+from lightning_modules.classifier import OptimizerFactory, scheduled_optimizer
+from lightning_modules.image_data import ImageDataMixin, image_metadata
 from lightning_modules.seeds import derive_seed
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
 
@@ -364,7 +364,7 @@ def per_evaluation_flops(net: nn.Module, image_shape: Sequence[int], device: tor
 # The LightningModule
 
 
-class DDPMModule(LightningModule):
+class DDPMModule(ImageDataMixin, LightningModule):
     """Train a denoising diffusion model; keep an EMA of its weights and sample from it.
 
     Each training step draws a timestep ``t`` uniformly from the ``N`` training timesteps and
@@ -447,36 +447,12 @@ class DDPMModule(LightningModule):
                 f"sampling.every_n_epochs must be >= 0 (0 turns grids off), got {self.sample_every_n_epochs}"
             )
 
-        self.image_shape: tuple[int, int, int] | None = None
-        self.data_mean: torch.Tensor | None = None
-        self.data_std: torch.Tensor | None = None
         self.grid_paths: list[Path] = []
 
     # -- data ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "image_size"):
-            raise ValueError(
-                "DDPMModule needs a data module with image_size and in_channels, "
-                "such as those of lightning_modules.data"
-            )
-        height, width = datamodule.image_size
-        self.image_shape = (int(datamodule.in_channels), int(height), int(width))
-        self.example_input_array = torch.zeros(1, *self.image_shape)
-        if hasattr(datamodule, "mean") and hasattr(datamodule, "std"):
-            self.data_mean = torch.tensor(datamodule.mean, dtype=torch.float32)
-            self.data_std = torch.tensor(datamodule.std, dtype=torch.float32)
-        else:
-            log.info("%s has no mean and std; its images are taken to be in [-1, 1]", type(datamodule).__name__)
-
-    def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
-        """Map the data module's normalised images back to [0, 1] and then to [-1, 1]."""
-        if self.data_mean is None or self.data_std is None:
-            return images
-        mean = self.data_mean.to(images.device)[:, None, None]
-        std = self.data_std.to(images.device)[:, None, None]
-        return (images * std + mean) * 2.0 - 1.0
+        self.read_image_data()
 
     # -- training and evaluation ---------------------------------------------------------
 
@@ -548,14 +524,7 @@ class DDPMModule(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         # Only the trained network: the EMA copy is updated by averaging, not by gradients.
         optimizer = self.optimizer_factory([{"params": [p for p in self.net.parameters() if p.requires_grad]}])
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
-        scheduler = build_scheduler(
-            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **self.scheduler_options
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return scheduled_optimizer(self.trainer, optimizer, self.scheduler_options)
 
     # -- sample grids --------------------------------------------------------------------
 
@@ -646,10 +615,8 @@ class DDPMModule(LightningModule):
             "model_spec": to_plain(spec),
             "noise_schedule": self.noise_schedule,
             "prediction_type": self.prediction_type,
-            "image_shape": list(self.image_shape) if self.image_shape is not None else None,
             "class_conditional": self.class_conditional,
-            "data_mean": self.data_mean.tolist() if self.data_mean is not None else None,
-            "data_std": self.data_std.tolist() if self.data_std is not None else None,
+            **image_metadata(self.image_data),
             "ema_decay": self.ema.decay,
         }
 

@@ -47,9 +47,9 @@ from diffusion.oms import (
     oms_x0_from_v,
     validate_condition_kind,
 )
-from lightning_modules.classifier import OptimizerFactory, optimizer_steps_per_epoch
+from lightning_modules.classifier import OptimizerFactory, scheduled_optimizer
 from lightning_modules.diffusion import EMA, save_grid, to_plain, to_uint8
-from lightning_modules.schedules import build_scheduler
+from lightning_modules.image_data import ImageDataMixin, image_metadata
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 GRID_DRAWS = 4
 
 
-class OMSModule(LightningModule):
+class OMSModule(ImageDataMixin, LightningModule):
     """Train an OMS network with the mean squared error of its x0 estimate from pure noise; keep an EMA copy.
 
     Args:
@@ -129,27 +129,14 @@ class OMSModule(LightningModule):
         self.grid_every_n_epochs = grid_every_n_epochs
 
         self.brightness_bins: BrightnessBins | None = None
-        self.image_shape: tuple[int, int, int] | None = None
-        self.data_mean: torch.Tensor | None = None
-        self.data_std: torch.Tensor | None = None
         self.grid_paths: list[Path] = []
 
     # -- data ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "image_size"):
-            raise ValueError(
-                "OMSModule needs a data module with image_size and in_channels, such as those of lightning_modules.data"
-            )
-        height, width = datamodule.image_size
-        self.image_shape = (int(datamodule.in_channels), int(height), int(width))
-        self.example_input_array = torch.zeros(1, *self.image_shape)
-        if hasattr(datamodule, "mean") and hasattr(datamodule, "std"):
-            self.data_mean = torch.tensor(datamodule.mean, dtype=torch.float32)
-            self.data_std = torch.tensor(datamodule.std, dtype=torch.float32)
+        self.read_image_data()
         if self.condition == "brightness":
-            self.brightness_bins = self._make_brightness_bins(datamodule)
+            self.brightness_bins = self._make_brightness_bins(self.trainer.datamodule)
             rank_zero_info(
                 f"[oms] brightness bins: edges {[round(edge, 4) for edge in self.brightness_bins.edges]}, "
                 f"mean brightness per bin {[round(mean, 4) for mean in self.brightness_bins.bin_means]}"
@@ -172,14 +159,6 @@ class OMSModule(LightningModule):
         if edges is None:
             return BrightnessBins.from_quantiles(brightness, int(self.brightness_options["num_bins"]))
         return BrightnessBins.with_means(edges, brightness)
-
-    def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
-        """Map the data module's normalised images back to [0, 1] and then to [-1, 1]."""
-        if self.data_mean is None or self.data_std is None:
-            return images
-        mean = self.data_mean.to(images.device)[:, None, None]
-        std = self.data_std.to(images.device)[:, None, None]
-        return (images * std + mean) * 2.0 - 1.0
 
     def conditions_of(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Return the OMS condition of each image in [-1, 1], int64 ``(B,)``, or None for ``condition="none"``."""
@@ -224,16 +203,9 @@ class OMSModule(LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        # Only the trained network: the EMA copy is updated by averaging, not by gradients.
         optimizer = self.optimizer_factory([{"params": [p for p in self.net.parameters() if p.requires_grad]}])
-        scheduler = build_scheduler(
-            optimizer,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            steps_per_epoch=optimizer_steps_per_epoch(self.trainer),
-            **self.scheduler_options,
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return scheduled_optimizer(self.trainer, optimizer, self.scheduler_options)
 
     # -- grids of predictions ------------------------------------------------------------
 
@@ -280,12 +252,10 @@ class OMSModule(LightningModule):
         return {
             "network": to_plain(self.net.config),
             "condition": self.condition,
-            "image_shape": list(self.image_shape) if self.image_shape is not None else None,
             "brightness_bins": {"edges": list(bins.edges), "bin_means": list(bins.bin_means)} if bins else None,
             "condition_dropout": self.condition_dropout,
             "noise_schedule": self.noise_schedule,
-            "data_mean": self.data_mean.tolist() if self.data_mean is not None else None,
-            "data_std": self.data_std.tolist() if self.data_std is not None else None,
+            **image_metadata(self.image_data),
             "ema_decay": self.ema.decay,
         }
 

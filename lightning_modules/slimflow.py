@@ -45,6 +45,7 @@ from lightning_modules.callbacks.energy import OperationCounts
 from lightning_modules.callbacks.flops import count_forward_cost
 from lightning_modules.classifier import OptimizerFactory
 from lightning_modules.diffusion import EMA, NetworkEvaluation, save_grid, to_plain, to_uint8
+from lightning_modules.image_data import ImageDataMixin, image_metadata
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class ReflowPairDataModule(L.LightningDataModule):
 # Shared parts of the two modules
 
 
-class FlowModuleBase(LightningModule):
+class FlowModuleBase(ImageDataMixin, LightningModule):
     """A velocity network with its EMA, Adam-style optimizer with linear warm-up, and one sample grid after fit.
 
     Args:
@@ -150,29 +151,10 @@ class FlowModuleBase(LightningModule):
         self.grid_steps = int(sampling.get("num_steps", 1))
         self.grid_samples = int(sampling.get("num_samples", 64))
         self.grid_seed = int(sampling.get("seed", 0))
-        self.image_shape: tuple[int, int, int] | None = None
-        self.data_mean: torch.Tensor | None = None
-        self.data_std: torch.Tensor | None = None
         self.grid_path: Path | None = None
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "image_size"):
-            raise ValueError(f"{type(self).__name__} needs a data module with image_size and in_channels")
-        height, width = datamodule.image_size
-        self.image_shape = (int(datamodule.in_channels), int(height), int(width))
-        self.example_input_array = torch.zeros(1, *self.image_shape)
-        if hasattr(datamodule, "mean") and hasattr(datamodule, "std"):
-            self.data_mean = torch.tensor(datamodule.mean, dtype=torch.float32)
-            self.data_std = torch.tensor(datamodule.std, dtype=torch.float32)
-
-    def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
-        """Map the data module's normalised images back to [-1, 1]; pairs are in [-1, 1] already."""
-        if self.data_mean is None or self.data_std is None:
-            return images
-        mean = self.data_mean.to(images.device)[:, None, None]
-        std = self.data_std.to(images.device)[:, None, None]
-        return (images * std + mean) * 2.0 - 1.0
+        self.read_image_data()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Return the velocity at ``x`` and times ``t`` in [eps, 1] (eps when omitted, as for a cost count)."""
@@ -224,9 +206,7 @@ class FlowModuleBase(LightningModule):
         """Return what :func:`load_flow_model` needs to rebuild the network, as plain Python values."""
         return {
             "model_spec": to_plain(getattr(self.net, MODEL_SPEC_ATTRIBUTE, None)),
-            "image_shape": list(self.image_shape) if self.image_shape is not None else None,
-            "data_mean": self.data_mean.tolist() if self.data_mean is not None else None,
-            "data_std": self.data_std.tolist() if self.data_std is not None else None,
+            **image_metadata(self.image_data),
             "role": self.role,
             "t_epsilon": T_EPSILON,
             "default_euler_steps": self.grid_steps,

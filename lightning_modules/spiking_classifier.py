@@ -27,8 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.callbacks.energy import OperationCounts
 from lightning_modules.callbacks.flops import example_input_from_datamodule, example_input_of
-from lightning_modules.classifier import optimizer_steps_per_epoch
-from lightning_modules.schedules import build_scheduler
+from lightning_modules.classifier import scheduled_optimizer
 from snn import (
     ENERGY_PER_ACCUMULATE_PJ,
     ENERGY_PER_MAC_PJ,
@@ -168,17 +167,7 @@ class SpikingClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory([{"params": [p for p in self.parameters() if p.requires_grad]}])
         register_leak_clamp(optimizer, self.network)
-
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(
-            optimizer,
-            total_steps=total_steps,
-            steps_per_epoch=optimizer_steps_per_epoch(self.trainer),
-            **self.scheduler_options,
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return scheduled_optimizer(self.trainer, optimizer, self.scheduler_options)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [SpikeStatisticsCallback()]

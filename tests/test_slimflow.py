@@ -33,6 +33,7 @@ from diffusion.slimflow import (
     pseudo_huber_constant,
     pseudo_huber_distance,
 )
+from lightning_modules.image_data import ImageData
 from lightning_modules.pipeline import STATE_FILE
 from lightning_modules.seeds import derive_seed
 from lightning_modules.slimflow import RectifiedFlowModule, load_flow_model, save_flow_checkpoint
@@ -425,7 +426,7 @@ def test_train_smoke_baseline_given_teacher(tmp_path: Path, cache_dir: Path) -> 
     # An untrained teacher of the digits experiment's size, saved as a flow checkpoint.
     teacher = create_model("unet", 1, 10, base_channels=16, channel_multipliers=[1, 2, 2], num_res_blocks=1)
     module = RectifiedFlowModule(teacher, optimizer=torch.optim.Adam)
-    module.image_shape = (1, 8, 8)
+    module.image_data = ImageData((1, 8, 8))
     teacher_file = save_flow_checkpoint(module, tmp_path / "teacher")
 
     # train() is what train.py calls after Hydra composes the config.
