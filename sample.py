@@ -18,7 +18,6 @@ of ``experiment=slimflow_*``), sampled with ``num_steps`` Euler steps (1 for the
 student) or with ``flow_solver=rk45`` (see lightning_modules/flow_sampling.py).
 """
 
-import json
 import logging
 import os
 import sys
@@ -52,7 +51,7 @@ from lightning_modules.diffusion import (
     generate_samples,
     load_denoiser,
     per_evaluation_flops,
-    save_grid,
+    save_samples,
     to_uint8,
 )
 from lightning_modules.flow_sampling import run_flow_sampling
@@ -140,21 +139,12 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         "oms": oms_report,
     }
 
-    output_dir = Path(cfg.output_dir)
-    images = to_uint8(samples)
-    grid_path = save_grid(images, output_dir / "samples.png")
-    arrays = {
-        "images": images.permute(0, 2, 3, 1).numpy(),
-        "settings": np.array(json.dumps({**_sampling_settings(cfg), **report})),
-    }
-    if labels is not None:
-        arrays["labels"] = labels.numpy()
-    npz_path = output_dir / "samples.npz"
-    np.savez(npz_path, **arrays)
+    settings_record = {**_sampling_settings(cfg), **report}
+    grid_path, npz_path, images = save_samples(to_uint8(samples), settings_record, Path(cfg.output_dir), labels)
     report["png"] = str(grid_path)
     report["npz"] = str(npz_path)
     if cfg.metrics.frechet is not None:
-        report["frechet"] = compute_frechet(cfg.metrics, arrays["images"], device, cfg.paths.cache_dir).describe()
+        report["frechet"] = compute_frechet(cfg.metrics, images, device, cfg.paths.cache_dir).describe()
     return report
 
 

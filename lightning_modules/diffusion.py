@@ -13,6 +13,7 @@ image shape. ``sample.py`` rebuilds the network from it with ``torch.load(weight
 """
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -352,6 +353,23 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, min_cel
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def save_samples(
+    images: torch.Tensor, settings: dict[str, Any], output_dir: Path, labels: torch.Tensor | None = None
+) -> tuple[Path, Path, np.ndarray]:
+    """Write uint8 images ``(N, C, H, W)`` as ``samples.png`` and ``samples.npz`` in ``output_dir``.
+
+    The npz file contains ``images`` (uint8 ``(N, H, W, C)``), ``settings`` (a JSON string) and,
+    when given, ``labels``. Returns the grid path, the npz path and the ``(N, H, W, C)`` array.
+    """
+    grid_path = save_grid(images, output_dir / "samples.png")
+    arrays = {"images": images.permute(0, 2, 3, 1).numpy(), "settings": np.array(json.dumps(settings))}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    npz_path = output_dir / "samples.npz"
+    np.savez(npz_path, **arrays)
+    return grid_path, npz_path, arrays["images"]
 
 
 def per_evaluation_flops(net: nn.Module, image_shape: Sequence[int], device: torch.device | str) -> float:

@@ -6,7 +6,6 @@ its stages, recognised by its ``"rectified_flow"`` entry. Sampling is Euler with
 adaptive RK45. The outputs and the report have the layout of the diffusion samplers'.
 """
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.diffusion import per_evaluation_flops, save_grid, to_uint8
+from lightning_modules.diffusion import per_evaluation_flops, save_samples, to_uint8
 from lightning_modules.slimflow import generate_flow_samples, load_flow_model
 
 FLOW_SOLVERS = ("euler", "rk45")
@@ -88,17 +87,11 @@ def run_flow_sampling(
         "distance": metadata.get("distance_description"),
     }
 
-    output_dir = Path(cfg.output_dir)
-    images = to_uint8(samples)
-    grid_path = save_grid(images, output_dir / "samples.png")
-    arrays = {"images": images.permute(0, 2, 3, 1).numpy()}
     settings = {"ckpt_path": cfg.ckpt_path, "use_ema": cfg.use_ema, "sampler": "flow", "flow_solver": solver}
     settings.update({"num_steps": cfg.num_steps, "flow_tolerance": tolerance, "seed": cfg.seed})
-    arrays["settings"] = np.array(json.dumps({**settings, **report}))
-    npz_path = output_dir / "samples.npz"
-    np.savez(npz_path, **arrays)
+    grid_path, npz_path, images = save_samples(to_uint8(samples), {**settings, **report}, Path(cfg.output_dir))
     report["png"] = str(grid_path)
     report["npz"] = str(npz_path)
     if cfg.metrics.frechet is not None:
-        report["frechet"] = compute_frechet(cfg.metrics, arrays["images"], device, cfg.paths.cache_dir).describe()
+        report["frechet"] = compute_frechet(cfg.metrics, images, device, cfg.paths.cache_dir).describe()
     return report
