@@ -14,9 +14,9 @@ One run trains, on CIFAR-10 (JPEG copy) area-downsampled to ``--resolution`` pix
   steps, then one-step distillation with term 1 only for the same steps.
 
 Both arms see the same pairs, batch size, learning rate and step counts. Then it prints
-the one-step Frechet distance of both students and of the teacher (Euler with 1 step,
-and with each of ``--teacher-step-counts``), and the images per second of the one-step
-student against the teacher's best multi-step setting.
+the one-step Frechet distance of both students and of the teacher (Euler with each of
+``--teacher-step-counts``, and RK45 at ``--teacher-rk45-tolerance``), and the images per
+second of the one-step student against the teacher's best Euler setting and its RK45 solve.
 
 The distance is FD-ResNet20: the Frechet distance in the penultimate features of a
 CIFAR-10 ResNet-20 (``--feature-checkpoint``), between ``--num-samples`` samples and the
@@ -249,16 +249,41 @@ def generate(net: nn.Module, num_samples: int, num_steps: int, args: argparse.Na
     return torch.cat(batches).clamp(-1.0, 1.0)
 
 
-def measure_images_per_second(net: nn.Module, num_steps: int, args: argparse.Namespace) -> float:
-    """Return the median images per second over three timed runs of a 256-image Euler batch."""
+@torch.no_grad()
+def generate_rk45(
+    net: nn.Module, num_samples: int, tolerance: float, args: argparse.Namespace
+) -> tuple[torch.Tensor, float]:
+    """Return RK45 samples from the evaluation noise of :func:`generate` and the mean evaluations per batch."""
+    noise = torch.randn(
+        (num_samples, 3, args.resolution, args.resolution), generator=torch.Generator().manual_seed(12345)
+    )
+    velocity = network_velocity(net.eval())
+    solutions = [rk45_sample(velocity, noise[i : i + 250], tolerance, tolerance) for i in range(0, num_samples, 250)]
+    evaluations = statistics.mean(solution.num_evaluations for solution in solutions)
+    return torch.cat([solution.x1 for solution in solutions]).clamp(-1.0, 1.0), evaluations
+
+
+def measure_images_per_second(
+    net: nn.Module, args: argparse.Namespace, num_steps: int = 1, rk45_tolerance: float | None = None
+) -> float:
+    """Return the median images per second over three timed runs of a 256-image batch.
+
+    The batch is sampled with ``num_steps`` Euler steps, or with RK45 at ``rk45_tolerance``.
+    """
     velocity = network_velocity(net.eval())
     noise = torch.randn(256, 3, args.resolution, args.resolution)
+
+    def solve(batch: torch.Tensor) -> torch.Tensor:
+        if rk45_tolerance is None:
+            return euler_sample(velocity, batch, num_steps)
+        return rk45_sample(velocity, batch, rk45_tolerance, rk45_tolerance).x1
+
     rates = []
     with torch.no_grad():
-        euler_sample(velocity, noise[:8], num_steps)
+        solve(noise[:8])
         for _ in range(3):
             start = time.perf_counter()
-            euler_sample(velocity, noise, num_steps)
+            solve(noise)
             rates.append(len(noise) / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -366,13 +391,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
 
     teacher_fds = cached(output / "teacher_fd.json", teacher_fd)
+
+    # The teacher's adaptive solver, the multi-step sampling a rectified flow is usually evaluated with.
+    def teacher_rk45_fd() -> dict[str, Any]:
+        images, evaluations = generate_rk45(teacher, args.num_samples, args.teacher_rk45_tolerance, args)
+        return {"tolerance": args.teacher_rk45_tolerance, "fd": fd_of(images), "mean_evaluations": evaluations}
+
+    teacher_rk45 = cached(output / "teacher_rk45_fd.json", teacher_rk45_fd) if args.teacher_rk45_tolerance else None
     student_fds = {arm: fd_of(generate(entry["net"], args.num_samples, 1, args)) for arm, entry in arms.items()}
     best_steps = min(teacher_fds, key=lambda steps: teacher_fds[steps])
 
     speed = {
-        "student_one_step": measure_images_per_second(arms["slimflow"]["net"], 1, args),
-        f"teacher_{best_steps}_steps": measure_images_per_second(teacher, int(best_steps), args),
+        "student_one_step": measure_images_per_second(arms["slimflow"]["net"], args, num_steps=1),
+        f"teacher_{best_steps}_steps": measure_images_per_second(teacher, args, num_steps=int(best_steps)),
     }
+    if teacher_rk45 is not None:
+        speed["teacher_rk45"] = measure_images_per_second(teacher, args, rk45_tolerance=teacher_rk45["tolerance"])
 
     results = {
         "command": " ".join(sys.argv),
@@ -388,7 +422,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "teacher": count_parameters(teacher),
             "student": count_parameters(arms["slimflow"]["net"]),
         },
-        "teacher": {"training": teacher_record, "fd_by_euler_steps": teacher_fds, "best_steps": int(best_steps)},
+        "teacher": {
+            "training": teacher_record,
+            "fd_by_euler_steps": teacher_fds,
+            "best_steps": int(best_steps),
+            "rk45": teacher_rk45,
+        },
         "slimflow": {"fd_one_step": student_fds["slimflow"], **arms["slimflow"]["record"]},
         "baseline": {"fd_one_step": student_fds["baseline"], **arms["baseline"]["record"]},
         "data_floor_fd": data_floor["fd"],
@@ -413,6 +452,12 @@ def format_markdown(results: dict[str, Any]) -> str:
     ]
     for steps, value in teacher["fd_by_euler_steps"].items():
         lines.append(f"| teacher (1-rectified flow), Euler | {parameters['teacher']:,} | {steps} | {value:.2f} |")
+    if teacher.get("rk45"):
+        rk45 = teacher["rk45"]
+        lines.append(
+            f"| teacher (1-rectified flow), RK45 rtol=atol={rk45['tolerance']:g} | {parameters['teacher']:,} | "
+            f"{rk45['mean_evaluations']:.0f} (mean) | {rk45['fd']:.2f} |"
+        )
     lines.append(
         f"| SlimFlow student (annealing reflow + flow-guided distillation) | {parameters['student']:,} | 1 | "
         f"{results['slimflow']['fd_one_step']:.2f} |"
@@ -465,6 +510,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1000, help="samples per Frechet distance")
     parser.add_argument(
         "--teacher-step-counts", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="Euler steps tried for the teacher"
+    )
+    parser.add_argument(
+        "--teacher-rk45-tolerance",
+        type=float,
+        default=1e-3,
+        help="rtol and atol of the teacher's RK45 arm (FD and speed); 0 skips it",
     )
     return parser.parse_args(argv)
 
