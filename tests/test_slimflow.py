@@ -27,6 +27,7 @@ from diffusion.slimflow import (
     anneal_noise,
     annealing_beta,
     flow_guidance_loss,
+    joint_horizontal_flip,
     l2_distance,
     make_distance,
     paired_distillation_loss,
@@ -231,6 +232,19 @@ def test_beta_zero_steps_uses_exact_pairs() -> None:
     z0, fresh = torch.randn(5), torch.randn(5)
     torch.testing.assert_close(anneal_noise(z0, 0.0, fresh), z0)
     torch.testing.assert_close(anneal_noise(z0, 1.0, fresh), fresh)
+
+
+def test_joint_flip_keeps_pairs_aligned() -> None:
+    z0 = torch.randn(3, 1, 4, 4)
+    x1 = torch.tanh(z0) + 0.5  # a pixel-wise teacher, so x1 = f(z0) holds only while they stay aligned
+    generator = torch.Generator().manual_seed(0)
+
+    flipped = [joint_horizontal_flip(x1, z0, 0.5, generator) for _ in range(40)]
+    for image, noise in flipped:
+        torch.testing.assert_close(image, torch.tanh(noise) + 0.5)
+    assert 5 < sum(torch.equal(noise, z0.flip(-1)) for _, noise in flipped) < 35
+    assert torch.equal(joint_horizontal_flip(x1, z0, 0.0, generator)[1], z0)
+    assert torch.equal(joint_horizontal_flip(x1, z0, 1.0, generator)[1], z0.flip(-1))
 
 
 def test_unknown_beta_schedule_rejected() -> None:
