@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lightning_modules.seeds import derive_seed
+from lightning_modules.seeds import SHARD_STREAM, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ TeacherMap = Callable[[torch.Tensor], torch.Tensor]
 
 def shard_seed(base_seed: int, index: int) -> int:
     """Return the seed of shard ``index``'s noise generator, unrelated to the seeds of other ``(base_seed, index)``."""
-    return derive_seed(base_seed, index)
+    return derive_seed(SHARD_STREAM, base_seed, index)
 
 
 def shard_sizes(num_pairs: int, shard_size: int) -> list[int]:

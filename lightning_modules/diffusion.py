@@ -48,7 +48,7 @@ from lightning_modules.callbacks.energy import OperationCounts
 from lightning_modules.callbacks.flops import count_forward_cost
 from lightning_modules.classifier import OptimizerFactory, scheduled_optimizer
 from lightning_modules.image_data import ImageDataMixin, image_metadata
-from lightning_modules.seeds import derive_seed
+from lightning_modules.seeds import STEP_NOISE_STREAM, derive_seed
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ FAST_DEV_RUN_GRID_SAMPLES = 8
 # initial_sample(noise, alphabar_first, indices) -> the sample a sampler starts from (see generate_samples).
 InitialSampleFunction = Callable[[torch.Tensor, float, slice], torch.Tensor]
 
-# Key of the sampler-step noise stream in derive_seed(seed, STEP_NOISE_STREAM, first sample index).
-STEP_NOISE_STREAM = 1
 COST_DESCRIPTION = "one network evaluation (the denoiser on one image and a timestep), torch.utils.flop_counter"
 
 
@@ -314,7 +312,7 @@ def _sample_in_batches(
             alphabar_first = float(sampler.alphabar[sampler.timesteps[0]])
             batch_noise = initial_sample(batch_noise, alphabar_first, slice(start, start + len(batch_noise)))
         # The step noise must not replay another seed's initial noise, as seed + 1 + start would.
-        step_generator = torch.Generator(device=device).manual_seed(derive_seed(seed, STEP_NOISE_STREAM, start))
+        step_generator = torch.Generator(device=device).manual_seed(derive_seed(STEP_NOISE_STREAM, seed, start))
         model_kwargs = {}
         if class_labels is not None:
             model_kwargs["class_labels"] = class_labels[start : start + batch_size].to(device)

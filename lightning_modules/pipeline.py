@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.cluster import trainer_plugins
 from lightning_modules.run_summary import collect_summary, save_summary
-from lightning_modules.seeds import derive_seed
+from lightning_modules.seeds import STAGE_STREAM, derive_seed
 from lightning_modules.setup_run import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -239,7 +239,7 @@ class Pipeline(ABC):
             # Each stage starts from its own seed, so a stage draws the same numbers
             # whether the stages before it ran in this process or in an earlier one.
             if self.cfg.get("seed") is not None:
-                L.seed_everything(derive_seed(self.cfg.seed, index), workers=True)
+                L.seed_everything(derive_seed(STAGE_STREAM, self.cfg.seed, index), workers=True)
             if context.resume_checkpoint:
                 log.info("stage %s: resuming from %s", stage.name, context.resume_checkpoint)
             else:

@@ -397,7 +397,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images, evaluations = generate_rk45(teacher, args.num_samples, args.teacher_rk45_tolerance, args)
         return {"tolerance": args.teacher_rk45_tolerance, "fd": fd_of(images), "mean_evaluations": evaluations}
 
-    teacher_rk45 = cached(output / "teacher_rk45_fd.json", teacher_rk45_fd) if args.teacher_rk45_tolerance else None
+    teacher_rk45 = None
+    if args.teacher_rk45_tolerance:
+        rk45_path = output / f"teacher_rk45_fd_tol{args.teacher_rk45_tolerance:g}.json"
+        teacher_rk45 = cached(rk45_path, teacher_rk45_fd)
     student_fds = {arm: fd_of(generate(entry["net"], args.num_samples, 1, args)) for arm, entry in arms.items()}
     best_steps = min(teacher_fds, key=lambda steps: teacher_fds[steps])
 

@@ -36,7 +36,7 @@ from diffusion.slimflow import (
 )
 from lightning_modules.image_data import ImageData
 from lightning_modules.pipeline import STATE_FILE
-from lightning_modules.seeds import derive_seed
+from lightning_modules.seeds import SHARD_STREAM, STAGE_STREAM, STEP_NOISE_STREAM, derive_seed
 from lightning_modules.slimflow import RectifiedFlowModule, load_flow_model, save_flow_checkpoint
 from lightning_modules.training import train
 from models import create_model
@@ -167,12 +167,20 @@ def test_neighbouring_seeds_share_no_pairs(tmp_path: Path) -> None:
 
 def test_derived_seeds_differ_across_keys() -> None:
     # With seed + index, stage 1 of the run with seed 0 repeated stage 0 of the run with seed 1.
-    seeds = [derive_seed(seed, index) for seed in range(4) for index in range(4)]
+    seeds = [derive_seed(STAGE_STREAM, seed, index) for seed in range(4) for index in range(4)]
     assert len(set(seeds)) == len(seeds)
     assert all(0 <= seed < 2**32 for seed in seeds)
-    assert derive_seed(3, 2) == derive_seed(3, 2)
+    assert derive_seed(STAGE_STREAM, 3, 2) == derive_seed(STAGE_STREAM, 3, 2)
     with pytest.raises(ValueError, match="seed=0 or above"):
-        derive_seed(-1, 0)
+        derive_seed(STAGE_STREAM, -1, 0)
+
+
+def test_derived_seeds_differ_across_streams_and_lengths() -> None:
+    # A SeedSequence pads with zeros: hashed alone, (7, 1) and (7, 1, 0) gave the same seed.
+    assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(STAGE_STREAM, 7, 1, 0)
+    assert derive_seed(STAGE_STREAM, 7) != derive_seed(STAGE_STREAM, 7, 0)
+    assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(SHARD_STREAM, 7, 1)
+    assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(STEP_NOISE_STREAM, 7, 1)
 
 
 def test_pair_shards_resume(tmp_path: Path) -> None:
