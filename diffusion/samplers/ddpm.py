@@ -20,6 +20,10 @@ class DDPMSampler(Sampler):
     with the model's x0 estimate in place of x0. The variance is the posterior's ("fixed
     small" in DDPM's terms) and is 0 on the last step, which returns the mean. Arguments are
     those of :class:`diffusion.samplers.base.Sampler`.
+
+    NOTE: with time shift (window 40, cutoff 300), this sampler scored worse than plain DDPM
+    at 5 to 50 steps on a small 16x16 CIFAR-10 model (BENCHMARKS.md), while DDIM and
+    DPM-Solver++ gained. The paper reports gains for DDPM too, and the cause is not known.
     """
 
     def _update(
