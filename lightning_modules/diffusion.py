@@ -311,7 +311,7 @@ def _sample_in_batches(
             sampler.set_timesteps(settings.num_steps, settings.spacing)
             alphabar_first = float(sampler.alphabar[sampler.timesteps[0]])
             batch_noise = initial_sample(batch_noise, alphabar_first, slice(start, start + len(batch_noise)))
-        # The step noise must not replay another seed's initial noise, as seed + 1 + start would.
+        # A hashed seed keeps this batch's step noise apart from every seed's initial noise.
         step_generator = torch.Generator(device=device).manual_seed(derive_seed(STEP_NOISE_STREAM, seed, start))
         model_kwargs = {}
         if class_labels is not None:

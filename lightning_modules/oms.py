@@ -203,7 +203,7 @@ class OMSModule(ImageDataMixin, LightningModule):
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Only the trained network: the EMA copy is updated by averaging, not by gradients.
+        # The optimizer gets only the trained network, because the EMA copy is updated by averaging.
         optimizer = self.optimizer_factory([{"params": [p for p in self.net.parameters() if p.requires_grad]}])
         return scheduled_optimizer(self.trainer, optimizer, self.scheduler_options)
 

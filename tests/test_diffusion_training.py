@@ -176,7 +176,7 @@ def test_optimizer_excludes_ema_weights() -> None:
 
 
 class NoiseRecordingSampler:
-    """Stands in for a sampler: returns its initial noise and records the first draw of its step generator."""
+    """A fake sampler that returns its initial noise and records the first draw of its step generator."""
 
     def __init__(self) -> None:
         self.step_draws: list[torch.Tensor] = []

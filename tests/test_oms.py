@@ -431,8 +431,8 @@ def test_oms_handover_follows_brightness_bins(compose_config: ComposeConfig, tmp
     x0_brightness = [image_brightness(guided_x0(loaded.network, noise, torch.full((64,), b), 1.0)).mean() for b in bins]
     assert x0_brightness[0] < x0_brightness[1] < x0_brightness[2]
 
-    # The same module hands over to two base samplers with different first timesteps, and
-    # a brighter bin gives a brighter starting sample in both.
+    # The same module hands over to two base samplers with different first timesteps.
+    # In both, a brighter bin must give a brighter starting sample.
     alphabar = make_schedule("scaled_linear", 1000)
     for name, steps, spacing in (("ddim", 4, "trailing"), ("dpm_solver", 5, "leading")):
         sampler = build_sampler(SamplerSettings(name=name, num_steps=steps, spacing=spacing), alphabar, "epsilon")

@@ -175,7 +175,7 @@ def test_derived_seeds_differ_across_keys() -> None:
         derive_seed(STAGE_STREAM, -1, 0)
 
 
-def test_derived_seeds_differ_across_streams_and_lengths() -> None:
+def test_derived_seeds_per_stream_and_length() -> None:
     # A SeedSequence pads with zeros: hashed alone, (7, 1) and (7, 1, 0) gave the same seed.
     assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(STAGE_STREAM, 7, 1, 0)
     assert derive_seed(STAGE_STREAM, 7) != derive_seed(STAGE_STREAM, 7, 0)
@@ -244,7 +244,7 @@ def test_beta_zero_steps_uses_exact_pairs() -> None:
 
 def test_joint_flip_keeps_pairs_aligned() -> None:
     z0 = torch.randn(3, 1, 4, 4)
-    x1 = torch.tanh(z0) + 0.5  # a pixel-wise teacher, so x1 = f(z0) holds only while they stay aligned
+    x1 = torch.tanh(z0) + 0.5  # a pixel-wise teacher, so x1 = f(z0) is true only while the pair stays aligned
     generator = torch.Generator().manual_seed(0)
 
     flipped = [joint_horizontal_flip(x1, z0, 0.5, generator) for _ in range(40)]

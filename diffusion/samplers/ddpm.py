@@ -23,7 +23,7 @@ class DDPMSampler(Sampler):
 
     NOTE: with time shift (window 40, cutoff 300), this sampler scored worse than plain DDPM
     at 5 to 50 steps on a small 16x16 CIFAR-10 model (BENCHMARKS.md), while DDIM and
-    DPM-Solver++ gained. The paper reports gains for DDPM too, and the cause is not known.
+    DPM-Solver++ gained on the same model. The cause is not known.
     """
 
     def _update(
