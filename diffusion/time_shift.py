@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Where the shifted timestep enters a sampler's step; see TimeShift.
+PLACEMENTS: tuple[str, ...] = ("sample", "time_input", "end_point")
+
 
 @dataclass(frozen=True)
 class TimeShift:
@@ -32,11 +35,18 @@ class TimeShift:
             :meth:`diffusion.samplers.base.Sampler.shift_window`). 0 disables the shift.
         cutoff: scheduled timesteps at or below ``cutoff`` are never shifted. Near ``t = 0``
             the sample's variance is mostly the data's own, which the rule ignores.
-        shift_alphabar: where the shifted timestep enters the update. True treats the sample
-            as if it were at ``t_s``. The model is evaluated at ``t_s``, and the update converts
-            the model output with ``alphabar[t_s]`` and moves from ``t_s`` to the next scheduled
-            timestep. False only changes the model's time input and keeps the scheduled
-            ``alphabar[t]`` in the update.
+        placement: where the shifted timestep ``t_s`` enters the step (one of
+            :data:`PLACEMENTS`):
+
+            - ``"sample"`` (the default) treats the sample as if it were at ``t_s``. The model is
+              evaluated at ``t_s``, and the update converts the model output with
+              ``alphabar[t_s]`` and moves from ``t_s`` to the next scheduled timestep.
+            - ``"time_input"`` only changes the model's time input to ``t_s``. The update keeps
+              the scheduled ``alphabar[t]``.
+            - ``"end_point"`` moves the update's end point by the shift. The model is evaluated
+              at ``t``, and the update goes from ``t`` to ``s + (t_s - t)`` in place of the next
+              scheduled timestep ``s``. The step after it starts from ``s`` as scheduled. This is
+              the placement of the official DDIM (ADM) code.
 
     The official settings (window, cutoff) are: F-PNDM with 100 steps (5, 550); DPM-Solver-2
     with 5 steps (30, 300); DEIS with 5 steps (10, 900); DDIM with 5 steps on the cosine
@@ -45,13 +55,15 @@ class TimeShift:
 
     window: int
     cutoff: int
-    shift_alphabar: bool = True
+    placement: str = "sample"
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"time_shift.window must be an integer >= 0 (training timesteps), got {self.window!r}")
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, int) or self.cutoff < 0:
             raise ValueError(f"time_shift.cutoff must be an integer >= 0 (a training timestep), got {self.cutoff!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"time_shift.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
 
 
 def select_shifted_timesteps(sample: torch.Tensor, alphabar: torch.Tensor, lowest: int, highest: int) -> torch.Tensor:

@@ -87,7 +87,7 @@ class SamplerSettings:
         spacing: timestep spacing, ``"trailing"``, ``"leading"`` or ``"linspace"``.
         eta: DDIM's noise scale (0 deterministic, 1 like DDPM); the other samplers ignore it.
         clip_x0: clamp x0 predictions to ``[-clip_x0, clip_x0]``, or None for no clamp.
-        time_shift: ``{"window": w, "cutoff": c, "shift_alphabar": bool}`` for time-shift
+        time_shift: ``{"window": w, "cutoff": c, "placement": p}`` for time-shift
             sampling (see :mod:`diffusion.time_shift`); a window of 0 turns it off.
     """
 
@@ -107,17 +107,15 @@ class SamplerSettings:
     def make_time_shift(self) -> TimeShift | None:
         """Return the :class:`TimeShift` these settings describe, or None where the window is 0."""
         settings = dict(self.time_shift or {})
-        unknown = set(settings) - {"window", "cutoff", "shift_alphabar"}
+        unknown = set(settings) - {"window", "cutoff", "placement"}
         if unknown:
             raise ValueError(
-                f"unknown time_shift settings {sorted(unknown)}; valid settings: window, cutoff, shift_alphabar"
+                f"unknown time_shift settings {sorted(unknown)}; valid settings: window, cutoff, placement"
             )
         window = settings.get("window", 0)
         if window == 0:
             return None
-        return TimeShift(
-            window=window, cutoff=settings.get("cutoff", 0), shift_alphabar=settings.get("shift_alphabar", True)
-        )
+        return TimeShift(window=window, cutoff=settings.get("cutoff", 0), placement=settings.get("placement", "sample"))
 
     def describe(self) -> str:
         """Return a short description such as ``"ddim, 50 steps, trailing"``, for logs and summaries."""
@@ -126,7 +124,9 @@ class SamplerSettings:
             text += f", eta {self.eta}"
         time_shift = self.make_time_shift()
         if time_shift is not None:
-            text += f", time shift window {time_shift.window} cutoff {time_shift.cutoff}"
+            text += (
+                f", time shift window {time_shift.window} cutoff {time_shift.cutoff} placement {time_shift.placement}"
+            )
         return text
 
 

@@ -12,9 +12,9 @@ Whole sampling runs are too noisy on a shared machine to resolve an overhead of 
 per cent, so the script also times time-shift's own work per step (the variance and the
 window argmin) against one network evaluation on the same batch.
 
-``--alphabar-choice`` adds, at the step counts it names, the other place where the
-shifted timestep can enter the update (``shift_alphabar`` false: only the model's time
-input changes). See :mod:`diffusion.time_shift` for what each choice does.
+The time-shift arm uses ``--placement`` (where the shifted timestep enters each step).
+``--placement-steps`` adds, at the step counts it names, the other placements:
+``"sample"``, ``"time_input"`` and ``"end_point"`` (see :mod:`diffusion.time_shift`).
 
 Each result is appended to ``<output>/results.jsonl`` as soon as it is measured, and
 configurations already there are skipped, so an interrupted run continues where it
@@ -49,7 +49,7 @@ from diffusion.frechet import (  # noqa: E402
     reference_data_from_datamodule,
     reference_statistics,
 )
-from diffusion.time_shift import select_shifted_timesteps  # noqa: E402
+from diffusion.time_shift import PLACEMENTS, select_shifted_timesteps  # noqa: E402
 from lightning_modules.diffusion import (  # noqa: E402
     SamplerSettings,
     build_sampler,
@@ -66,14 +66,20 @@ COST_FILE = "selection_cost.json"
 
 
 def configuration_key(entry: dict[str, Any]) -> tuple:
-    return (entry["sampler"], entry["steps"], entry["window"], entry["shift_alphabar"], entry["seed"])
+    return (entry["sampler"], entry["steps"], entry["window"], entry["placement"], entry["seed"])
 
 
 def load_results(output: Path) -> list[dict[str, Any]]:
     path = output / RESULTS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for entry in entries:
+        # Files written before the placement option record a boolean, shift_alphabar.
+        if "placement" not in entry:
+            shift_alphabar = entry.pop("shift_alphabar")
+            entry["placement"] = None if entry["window"] == 0 else ("sample" if shift_alphabar else "time_input")
+    return entries
 
 
 def reference_data(data_overrides: list[str]) -> Any:
@@ -88,22 +94,16 @@ def planned_configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     """List every configuration to measure, the time-shift arms next to their plain arm."""
     plans = []
     for steps in args.steps:
+        placements = PLACEMENTS if steps in args.placement_steps else (args.placement,)
+        # The main placement first, the others after it.
+        placements = [args.placement] + [placement for placement in placements if placement != args.placement]
         for seed in args.seeds:
             for sampler in args.samplers:
-                plans.append({"sampler": sampler, "steps": steps, "window": 0, "shift_alphabar": True, "seed": seed})
+                plans.append({"sampler": sampler, "steps": steps, "window": 0, "placement": None, "seed": seed})
                 for window in args.windows:
-                    plans.append(
-                        {"sampler": sampler, "steps": steps, "window": window, "shift_alphabar": True, "seed": seed}
-                    )
-                    if steps in args.alphabar_choice:
+                    for placement in placements:
                         plans.append(
-                            {
-                                "sampler": sampler,
-                                "steps": steps,
-                                "window": window,
-                                "shift_alphabar": False,
-                                "seed": seed,
-                            }
+                            {"sampler": sampler, "steps": steps, "window": window, "placement": placement, "seed": seed}
                         )
     return plans
 
@@ -138,7 +138,11 @@ def measure(args: argparse.Namespace) -> None:
                 num_steps=plan["steps"],
                 spacing=args.spacing,
                 eta=0.0,
-                time_shift={"window": plan["window"], "cutoff": args.cutoff, "shift_alphabar": plan["shift_alphabar"]},
+                time_shift={
+                    "window": plan["window"],
+                    "cutoff": args.cutoff,
+                    "placement": plan["placement"] or "sample",
+                },
             )
             sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
             start = time.perf_counter()
@@ -213,20 +217,19 @@ def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group the results by configuration over the seeds: mean and spread of the distance, time-shift's gain."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for entry in entries:
-        groups.setdefault((entry["sampler"], entry["steps"], entry["window"], entry["shift_alphabar"]), []).append(
-            entry
-        )
+        key = (entry["sampler"], entry["steps"], entry["window"], entry["placement"] or "")
+        groups.setdefault(key, []).append(entry)
 
     rows = []
-    for (sampler, steps, window, shift_alphabar), group in sorted(groups.items()):
-        plain = {entry["seed"]: entry for entry in groups.get((sampler, steps, 0, True), [])}
+    for (sampler, steps, window, placement), group in sorted(groups.items()):
+        plain = {entry["seed"]: entry for entry in groups.get((sampler, steps, 0, ""), [])}
         paired = [entry for entry in group if entry["seed"] in plain]
         values = [entry["frechet"] for entry in group]
         row = {
             "sampler": sampler,
             "steps": steps,
             "window": window,
-            "shift_alphabar": shift_alphabar,
+            "placement": placement or None,
             "seeds": len(group),
             "frechet_mean": statistics.mean(values),
             "frechet_std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -259,7 +262,7 @@ def format_table(rows: list[dict[str, Any]], entries: list[dict[str, Any]]) -> s
         if row["window"] == 0:
             arm = "off"
         else:
-            arm = f"w={row['window']}" + ("" if row["shift_alphabar"] else ", time input only")
+            arm = f"w={row['window']}, {row['placement']}"
         gain = overhead = improved = "-"
         if "gain_mean" in row:
             gain = f"{100 * row['gain_mean']:+.1f} %, {100 * row['gain_min']:+.1f} %"
@@ -280,15 +283,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
     figure, axes = plt.subplots(1, len(SAMPLERS), figsize=(4 * len(SAMPLERS), 3.5), sharey=True)
     for axis, sampler in zip(axes, SAMPLERS, strict=True):
-        arms = sorted({(row["window"], row["shift_alphabar"]) for row in rows if row["sampler"] == sampler})
-        for window, shift_alphabar in arms:
+        arms = sorted({(row["window"], row["placement"] or "") for row in rows if row["sampler"] == sampler})
+        for window, placement in arms:
             selected = [
                 row
                 for row in rows
-                if row["sampler"] == sampler and row["window"] == window and row["shift_alphabar"] == shift_alphabar
+                if row["sampler"] == sampler and row["window"] == window and (row["placement"] or "") == placement
             ]
             selected.sort(key=lambda row: row["steps"])
-            label = "plain" if window == 0 else f"time-shift w={window}" + ("" if shift_alphabar else " (time input)")
+            label = "plain" if window == 0 else f"time-shift w={window}, {placement}"
             axis.errorbar(
                 [row["steps"] for row in selected],
                 [row["frechet_mean"] for row in selected],
@@ -349,7 +352,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--windows", type=int, nargs="+", default=[40], help="time-shift windows, training timesteps")
     parser.add_argument("--cutoff", type=int, default=300, help="time-shift cutoff, training timesteps")
-    parser.add_argument("--alphabar-choice", type=int, nargs="*", default=[10], help="steps with both update choices")
+    parser.add_argument(
+        "--placement", choices=PLACEMENTS, default="sample", help="where the shifted timestep enters each step"
+    )
+    parser.add_argument(
+        "--placement-steps", type=int, nargs="*", default=[10], help="step counts that also run the other placements"
+    )
     parser.add_argument("--spacing", default="trailing")
     parser.add_argument("--num-samples", type=int, default=256, help="samples per configuration and seed")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,12 @@ def time_shift_script():
     return load_script("benchmark_time_shift")
 
 
-def result(sampler: str, window: int, seed: int, frechet: float, wall_s: float, shift_alphabar: bool = True) -> dict:
+def result(sampler: str, window: int, seed: int, frechet: float, wall_s: float, placement: str = "sample") -> dict:
     return {
         "sampler": sampler,
         "steps": 10,
         "window": window,
-        "shift_alphabar": shift_alphabar,
+        "placement": placement if window else None,
         "seed": seed,
         "frechet": frechet,
         "wall_s": wall_s,
@@ -38,15 +39,29 @@ def result(sampler: str, window: int, seed: int, frechet: float, wall_s: float, 
 
 
 def test_time_shift_plan_pairs_arms(time_shift_script):
-    args = argparse.Namespace(steps=[10, 5], seeds=[0, 1], samplers=["ddim"], windows=[40], alphabar_choice=[10])
+    args = argparse.Namespace(
+        steps=[10, 5], seeds=[0, 1], samplers=["ddim"], windows=[40], placement="end_point", placement_steps=[10]
+    )
     plans = time_shift_script.planned_configurations(args)
 
-    assert len(plans) == 2 * 3 + 2 * 2
-    assert [plan["steps"] for plan in plans[:6]] == [10] * 6
-    assert plans[0] == {"sampler": "ddim", "steps": 10, "window": 0, "shift_alphabar": True, "seed": 0}
-    assert plans[1]["window"] == 40
-    assert plans[2]["shift_alphabar"] is False
-    assert all(plan["shift_alphabar"] for plan in plans if plan["steps"] == 5)
+    assert len(plans) == 2 * 4 + 2 * 2
+    assert [plan["steps"] for plan in plans[:8]] == [10] * 8
+    assert plans[0] == {"sampler": "ddim", "steps": 10, "window": 0, "placement": None, "seed": 0}
+    assert [plan["placement"] for plan in plans[1:4]] == ["end_point", "sample", "time_input"]
+    assert [plan["placement"] for plan in plans if plan["steps"] == 5] == [None, "end_point"] * 2
+
+
+def test_time_shift_reads_results_before_placement(time_shift_script, tmp_path):
+    old_entries = [
+        {"sampler": "ddpm", "steps": 10, "window": 0, "shift_alphabar": True, "seed": 0},
+        {"sampler": "ddpm", "steps": 10, "window": 40, "shift_alphabar": True, "seed": 0},
+        {"sampler": "ddpm", "steps": 10, "window": 40, "shift_alphabar": False, "seed": 0},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in old_entries))
+
+    entries = time_shift_script.load_results(tmp_path)
+    assert [entry["placement"] for entry in entries] == [None, "sample", "time_input"]
+    assert all("shift_alphabar" not in entry for entry in entries)
 
 
 def test_time_shift_gain_paired_by_seed(time_shift_script):
@@ -72,4 +87,4 @@ def test_time_shift_report_names_metric(time_shift_script, tmp_path):
     table = time_shift_script.format_table(time_shift_script.summarise(entries), entries)
 
     assert table.startswith("FD-ResNet20 (256 samples)")
-    assert "| ddim | 10 | w=40 | 9.000 +- 0.000 | +10.0 %, +10.0 % | 1/1 | +0.0 % |" in table
+    assert "| ddim | 10 | w=40, sample | 9.000 +- 0.000 | +10.0 %, +10.0 % | 1/1 | +0.0 % |" in table

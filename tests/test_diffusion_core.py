@@ -501,15 +501,76 @@ def test_time_shift_update_uses_shifted_alphabar() -> None:
     shifted_timesteps = torch.full((3,), 910)
 
     results = {}
-    for shift_alphabar in (True, False):
-        shift = TimeShift(window=40, cutoff=100, shift_alphabar=shift_alphabar)
+    for placement in ("sample", "time_input"):
+        shift = TimeShift(window=40, cutoff=100, placement=placement)
         sampler = DDIMSampler(alphabar, prediction_type="x0", time_shift=shift)
         sampler.set_timesteps(10, spacing="trailing")
         advance(sampler, gaussian_denoiser(alphabar, "x0"), torch.randn(3, 1, 8, 8), steps=1)
-        results[shift_alphabar] = sampler.step(x0, shifted_timesteps, sample)
+        results[placement] = sampler.step(x0, shifted_timesteps, sample)
 
-    assert torch.allclose(results[True], expected, rtol=0, atol=1e-10)
-    assert not torch.allclose(results[False], expected, rtol=0, atol=1e-3)
+    assert torch.allclose(results["sample"], expected, rtol=0, atol=1e-10)
+    assert not torch.allclose(results["time_input"], expected, rtol=0, atol=1e-3)
+
+
+def test_time_shift_end_point_moves_update_target() -> None:
+    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
+    shift = TimeShift(window=40, cutoff=100, placement="end_point")
+    sampler = DDIMSampler(alphabar, prediction_type="x0", time_shift=shift)
+    sampler.set_timesteps(10, spacing="trailing")
+    advance(sampler, gaussian_denoiser(alphabar, "x0"), torch.randn(4, 1, 8, 8), steps=1)
+
+    # Step 2 goes from 899 to 799. The variances point at 885 and 905 (inside the window),
+    # 950 (above: 919 is chosen) and 700 (below: 879), so the end points are 799 + t_s - 899.
+    sample = samples_with_variances([1 - float(alphabar[t]) for t in (885, 905, 950, 700)])
+    assert sampler.model_timesteps(sample, 899).tolist() == [899] * 4
+    x0 = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    result = sampler.step(x0, 899, sample)
+
+    alphabar_t = float(alphabar[899])
+    epsilon = (sample - alphabar_t**0.5 * x0) / (1 - alphabar_t) ** 0.5
+    alphabar_end = alphabar[torch.tensor([785, 805, 819, 779])].view(-1, 1, 1, 1)
+    expected = alphabar_end.sqrt() * x0 + (1 - alphabar_end).sqrt() * epsilon
+    assert torch.allclose(result, expected, rtol=0, atol=1e-10)
+
+
+def test_time_shift_end_point_window_limits() -> None:
+    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
+    sampler = DDIMSampler(alphabar, prediction_type="v", time_shift=TimeShift(400, 0, placement="end_point"))
+
+    # Step 899 -> 799: every end point 799 + t_s - 899 lies from 0 to 898.
+    sampler.set_timesteps(10, spacing="trailing")
+    assert sampler.shift_window(1) == (699, 998)
+    # Step 500 -> 499 of a 1000-step schedule: the end point can only move down.
+    sampler.set_timesteps(NUM_TRAIN_TIMESTEPS, spacing="trailing")
+    assert int(sampler.timesteps[499]) == 500
+    assert sampler.shift_window(499) == (300, 500)
+    # The last step always ends on clean data.
+    assert sampler.shift_window(NUM_TRAIN_TIMESTEPS - 1) is None
+
+
+@pytest.mark.parametrize("sampler_name", ["ddpm", "ddim", "dpm_solver"])
+def test_time_shift_end_point_sampling_runs(sampler_name: str) -> None:
+    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
+    exact_model = gaussian_denoiser(alphabar, "epsilon")
+    seen_timesteps = []
+
+    def recording_model(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        seen_timesteps.append(timesteps.clone())
+        return exact_model(sample, timesteps)
+
+    outputs = {}
+    for placement in ("end_point", None):
+        shift = TimeShift(window=80, cutoff=300, placement=placement) if placement else None
+        sampler = SAMPLERS[sampler_name](alphabar, prediction_type="epsilon", time_shift=shift)
+        generator = torch.Generator().manual_seed(8)
+        outputs[placement] = sampler.sample(recording_model, (16, 1, 8, 8), 10, generator=generator).samples
+
+    # The model always sees the scheduled timesteps; only the updates' end points move.
+    scheduled = sampler.timesteps.tolist()
+    for timesteps, timestep in zip(seen_timesteps, scheduled * 2, strict=True):
+        assert timesteps.tolist() == [timestep] * 16
+    assert torch.isfinite(outputs["end_point"]).all()
+    assert not torch.allclose(outputs["end_point"], outputs[None], rtol=0, atol=1e-3)
 
 
 def test_time_shift_rejects_timestep_outside_window() -> None:
@@ -553,3 +614,5 @@ def test_time_shift_rejects_invalid_settings() -> None:
         TimeShift(window=-2, cutoff=300)
     with pytest.raises(ValueError, match="time_shift.cutoff must be an integer >= 0"):
         TimeShift(window=10, cutoff=-1)
+    with pytest.raises(ValueError, match="time_shift.placement must be one of sample, time_input, end_point"):
+        TimeShift(window=10, cutoff=300, placement="target")

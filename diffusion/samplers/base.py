@@ -90,22 +90,25 @@ class Sampler(ABC):
     and chooses the timesteps at which the model is evaluated.
 
     Time shift (``time_shift``, see :mod:`diffusion.time_shift`). At every step except the
-    first, and only where the scheduled timestep ``t`` is above ``time_shift.cutoff``,
-    :meth:`model_timesteps` picks for each sample the timestep ``t_s`` of
-    :meth:`shift_window` whose noise variance ``1 - alphabar[t_s]`` is nearest to the
-    sample's variance. That ``t_s`` enters the update in two places:
+    first, and only where the scheduled timestep ``t`` is above ``time_shift.cutoff``, the
+    sampler picks for each sample the timestep ``t_s`` of :meth:`shift_window` whose noise
+    variance ``1 - alphabar[t_s]`` is nearest to the sample's variance. Where ``t_s`` enters
+    the step is ``time_shift.placement``:
 
-    - The model is evaluated at ``t_s`` in place of ``t``.
-    - With ``time_shift.shift_alphabar`` true (the default), the update treats the sample
-      as lying at ``t_s``. It converts the model output to x0 and epsilon with
-      ``alphabar[t_s]`` and moves from ``alphabar[t_s]`` to ``alphabar`` of the next scheduled
-      timestep, which is never shifted. With it false, the update keeps ``alphabar[t]``.
+    - ``"sample"`` (the default): the model is evaluated at ``t_s`` (:meth:`model_timesteps`),
+      and the update converts its output to x0 and epsilon with ``alphabar[t_s]`` and moves
+      from ``alphabar[t_s]`` to ``alphabar`` of the next scheduled timestep ``s``.
+    - ``"time_input"``: the model is evaluated at ``t_s``; the update keeps ``alphabar[t]``.
+    - ``"end_point"``: the model is evaluated at ``t``, and the update moves from
+      ``alphabar[t]`` to ``alphabar[s + t_s - t]``. The next step starts from ``s`` as
+      scheduled, so the shift changes how much noise the update removes. The last step,
+      which ends on clean data, is not shifted.
 
     The official code differs between its samplers. Its DEIS sampler changes only the
-    model's time input, like ``shift_alphabar=False``. Its PNDM and DPM-Solver samplers
-    choose ``t_s`` before an update and make it that update's end point, and DPM-Solver's
-    model is then evaluated at ``t_s``. ``shift_alphabar=True`` comes closest to the DPM-Solver
-    version, but it picks ``t_s`` from the sample that the previous update produced.
+    model's time input, like ``"time_input"``. Its DDIM sampler for ADM moves the end point
+    by ``t_s - t``, like ``"end_point"``. Its PNDM and DPM-Solver samplers also move the end
+    point, but choose it among the timesteps around ``s``; DPM-Solver then evaluates the
+    model at that end point. BENCHMARKS.md measures the three placements for each sampler.
 
     Args:
         alphabar: the training schedule, shape ``(N,)``, strictly decreasing in ``[0, 1)``
@@ -183,10 +186,15 @@ class Sampler(ABC):
         """Return the candidate timesteps ``(lowest, highest)`` for time shift at step ``index``, or None.
 
         None means no shift at this step: no ``time_shift``, a window of 0, the first step,
-        or a scheduled timestep at or below the cutoff. Otherwise the window is
-        ``t - window // 2 .. t + window // 2``, limited to the training timesteps. It is also
-        kept above the timestep the step moves to, so that the update always moves towards
-        clean data, and it leaves out ``alphabar = 0`` for epsilon-prediction models.
+        a scheduled timestep at or below the cutoff, or, for the ``"end_point"`` placement,
+        the last step. Otherwise the window is ``t - window // 2 .. t + window // 2``, limited
+        to the training timesteps, so that every update moves towards clean data:
+
+        - ``"sample"`` and ``"time_input"``: every candidate lies above the next scheduled
+          timestep ``s``.
+        - ``"end_point"``: every end point ``s + t_s - t`` lies from 0 to ``t - 1``.
+
+        It leaves out ``alphabar = 0`` for epsilon-prediction models.
         """
         shift = self.time_shift
         scheduled = int(self.timesteps[index])
@@ -194,8 +202,15 @@ class Sampler(ABC):
             return None
 
         half_window = shift.window // 2
-        lowest = max(scheduled - half_window, self.previous_timestep(index) + 1)
-        highest = min(scheduled + half_window, self.num_train_timesteps - 1)
+        following = self.previous_timestep(index)
+        if shift.placement == "end_point":
+            if following < 0:
+                return None
+            lowest = max(scheduled - half_window, scheduled - following)
+            highest = min(scheduled + half_window, 2 * scheduled - 1 - following, self.num_train_timesteps - 1)
+        else:
+            lowest = max(scheduled - half_window, following + 1)
+            highest = min(scheduled + half_window, self.num_train_timesteps - 1)
         if self.prediction_type == "epsilon" and self.alphabar[highest] == 0:
             highest -= 1
         return lowest, highest
@@ -209,7 +224,8 @@ class Sampler(ABC):
 
         Returns:
             ``timestep`` for every sample, or each sample's time-shifted timestep where the
-            step is shifted (see :meth:`shift_window`). On ``sample``'s device.
+            step is shifted (see :meth:`shift_window`) and the placement is ``"sample"`` or
+            ``"time_input"``. On ``sample``'s device.
         """
         index = self._current_index()
         scheduled = int(self.timesteps[index])
@@ -220,7 +236,7 @@ class Sampler(ABC):
                 f"{len(self.timesteps)}), got {timestep!r}; pass the entries of sampler.timesteps in order"
             )
 
-        window = self.shift_window(index)
+        window = self._model_shift_window(index)
         if window is None:
             return torch.full((sample.shape[0],), scheduled, dtype=torch.int64, device=sample.device)
         return select_shifted_timesteps(sample, self.alphabar, *window)
@@ -243,8 +259,9 @@ class Sampler(ABC):
             generator: random generator for the samplers that add noise, on ``sample``'s device.
 
         Returns:
-            ``x`` at the next scheduled timestep, or the x0 estimate after the last step;
-            same shape and dtype as ``sample``.
+            ``x`` at the next scheduled timestep (with the ``"end_point"`` placement, at each
+            sample's shifted end point), or the x0 estimate after the last step; same shape and
+            dtype as ``sample``.
         """
         if model_output.shape != sample.shape:
             raise ValueError(
@@ -252,14 +269,7 @@ class Sampler(ABC):
             )
         index = self._current_index()
         model_timesteps = self._check_model_timesteps(index, timestep, sample.shape[0])
-
-        shift = self.time_shift
-        if shift is not None and shift.shift_alphabar:
-            alphabar_t = self.alphabar[model_timesteps]
-        else:
-            alphabar_t = self.alphabar[self.timesteps[index]].expand(sample.shape[0])
-        previous = self.previous_timestep(index)
-        alphabar_previous = float(self.alphabar[previous]) if previous >= 0 else 1.0
+        alphabar_t, alphabar_previous = self._step_alphabars(index, model_timesteps, sample)
 
         x0, epsilon = self._predict_x0_and_epsilon(model_output, sample, alphabar_t)
         previous_sample = self._update(sample, x0, epsilon, alphabar_t, alphabar_previous, generator)
@@ -315,12 +325,12 @@ class Sampler(ABC):
         x0: torch.Tensor,
         epsilon: torch.Tensor,
         alphabar_t: torch.Tensor,
-        alphabar_previous: float,
+        alphabar_previous: torch.Tensor,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """Return ``x`` at ``alphabar_previous`` from ``sample`` at ``alphabar_t`` (float64 ``(B,)`` on the CPU).
+        """Return ``x`` at ``alphabar_previous`` from ``sample`` at ``alphabar_t``, both float64 ``(B,)`` on the CPU.
 
-        ``alphabar_previous`` is 1.0 after the last step. ``x0`` and ``epsilon`` are the
+        ``alphabar_previous`` is 1.0 for every sample on the last step. ``x0`` and ``epsilon`` are the
         predictions for ``sample``, already clipped where ``clip_x0`` is set.
         """
 
@@ -336,6 +346,12 @@ class Sampler(ABC):
             )
         return self._step_index
 
+    def _model_shift_window(self, index: int) -> tuple[int, int] | None:
+        """Return :meth:`shift_window` where the shift changes the model's timestep, else None."""
+        if self.time_shift is None or self.time_shift.placement == "end_point":
+            return None
+        return self.shift_window(index)
+
     def _check_model_timesteps(self, index: int, timestep: int | torch.Tensor, batch_size: int) -> torch.Tensor:
         """Return the model's timesteps as int64 ``(B,)`` on the CPU, after checking they fit step ``index``."""
         scheduled = int(self.timesteps[index])
@@ -348,7 +364,7 @@ class Sampler(ABC):
                 f"got shape {tuple(requested.shape)}"
             )
 
-        window = self.shift_window(index)
+        window = self._model_shift_window(index)
         lowest, highest = window if window is not None else (scheduled, scheduled)
         if bool(((requested < lowest) | (requested > highest)).any()):
             raise ValueError(
@@ -357,6 +373,30 @@ class Sampler(ABC):
                 "call step once per entry of sampler.timesteps, in order, with the timesteps from model_timesteps"
             )
         return requested
+
+    def _step_alphabars(
+        self, index: int, model_timesteps: torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return alphabar where step ``index`` starts and where it ends, float64 ``(B,)`` each, for the placement."""
+        batch_size = sample.shape[0]
+        scheduled = int(self.timesteps[index])
+        following = self.previous_timestep(index)
+        placement = self.time_shift.placement if self.time_shift is not None else None
+
+        if placement == "sample":
+            alphabar_t = self.alphabar[model_timesteps]
+        else:
+            alphabar_t = self.alphabar[scheduled].expand(batch_size)
+
+        window = self.shift_window(index) if placement == "end_point" else None
+        if window is not None:
+            shifted = select_shifted_timesteps(sample, self.alphabar, *window).cpu()
+            alphabar_previous = self.alphabar[following + shifted - scheduled]
+        elif following >= 0:
+            alphabar_previous = self.alphabar[following].expand(batch_size)
+        else:
+            alphabar_previous = torch.ones(batch_size, dtype=torch.float64)
+        return alphabar_t, alphabar_previous
 
     def _predict_x0_and_epsilon(
         self, model_output: torch.Tensor, sample: torch.Tensor, alphabar_t: torch.Tensor

@@ -41,7 +41,7 @@ class DDIMSampler(Sampler):
         x0: torch.Tensor,
         epsilon: torch.Tensor,
         alphabar_t: torch.Tensor,
-        alphabar_previous: float,
+        alphabar_previous: torch.Tensor,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         posterior_variance = (1.0 - alphabar_previous) / (1.0 - alphabar_t) * (1.0 - alphabar_t / alphabar_previous)
@@ -49,7 +49,7 @@ class DDIMSampler(Sampler):
         # With eta > 1, sigma^2 can exceed 1 - alphabar_s; the epsilon term then vanishes.
         direction = (1.0 - alphabar_previous - sigma**2).clamp(min=0.0).sqrt()
 
-        previous_sample = alphabar_previous**0.5 * x0 + per_sample(direction, sample) * epsilon
+        previous_sample = per_sample(alphabar_previous.sqrt(), x0) * x0 + per_sample(direction, sample) * epsilon
         if not bool((sigma > 0).any()):
             return previous_sample
         noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)

@@ -32,11 +32,11 @@ class DDPMSampler(Sampler):
         x0: torch.Tensor,
         epsilon: torch.Tensor,
         alphabar_t: torch.Tensor,
-        alphabar_previous: float,
+        alphabar_previous: torch.Tensor,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         beta = 1.0 - alphabar_t / alphabar_previous
-        x0_coefficient = alphabar_previous**0.5 * beta / (1.0 - alphabar_t)
+        x0_coefficient = alphabar_previous.sqrt() * beta / (1.0 - alphabar_t)
         sample_coefficient = (1.0 - beta).sqrt() * (1.0 - alphabar_previous) / (1.0 - alphabar_t)
         # Rounding can make the variance of the last step a tiny negative number.
         variance = (beta * (1.0 - alphabar_previous) / (1.0 - alphabar_t)).clamp(min=0.0)

@@ -22,8 +22,10 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     The last step goes to clean data, where ``h`` is infinite, and is first order too, so
     ``x0_t`` is returned. Arguments are those of :class:`diffusion.samplers.base.Sampler`.
 
-    With time shift and ``shift_alphabar``, ``lambda_t`` is that of each sample's shifted
-    timestep, and the previous step's shifted timestep gives ``lambda_last``.
+    With time shift in the ``"sample"`` placement, ``lambda_t`` is that of each sample's
+    shifted timestep, and the previous step's shifted timestep gives ``lambda_last``. In the
+    ``"end_point"`` placement, ``lambda_s`` is that of each sample's shifted end point, and the
+    next step starts from the scheduled ``lambda_s``.
     """
 
     def _reset_state(self) -> None:
@@ -36,10 +38,10 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         x0: torch.Tensor,
         epsilon: torch.Tensor,
         alphabar_t: torch.Tensor,
-        alphabar_previous: float,
+        alphabar_previous: torch.Tensor,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        alphabar_s = torch.full_like(alphabar_t, alphabar_previous)
+        alphabar_s = alphabar_previous
         alpha_t, sigma_t = alphabar_t.sqrt(), (1.0 - alphabar_t).sqrt()
         alpha_s, sigma_s = alphabar_s.sqrt(), (1.0 - alphabar_s).sqrt()
         # log(0) is -inf at alphabar 0 and +inf at alphabar 1, which the ratios below allow for.
@@ -52,7 +54,7 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         x0_coefficient = alpha_s - sigma_s * alpha_t / sigma_t
 
         data_estimate = x0
-        if self._last_x0 is not None and alphabar_previous < 1.0:
+        if self._last_x0 is not None and bool((alphabar_s < 1.0).all()):
             h = log_snr_s - log_snr_t
             h_last = log_snr_t - self._last_log_snr
             usable = (h_last != 0) & torch.isfinite(h_last)
