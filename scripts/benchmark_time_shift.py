@@ -17,6 +17,11 @@ by default each sampler's own default placement.
 ``--placement-steps`` adds, at the step counts it names, the other placements:
 ``"sample"``, ``"time_input"`` and ``"end_point"`` (see :mod:`diffusion.time_shift`).
 
+``--trace-steps`` records, for each sampler at those step counts, the samples' mean
+variance before every step, plain and with time-shift, next to the variance of the
+training data noised to that timestep. Samples whose variance exceeds the data's are
+noisier than their timestep (the exposure bias that time-shift assumes).
+
 Each result is appended to ``<output>/results.jsonl`` as soon as it is measured, and
 configurations already there are skipped, so an interrupted run continues where it
 stopped. ``--report-only`` prints the table and draws the plot from that file.
@@ -60,11 +65,13 @@ from lightning_modules.diffusion import (  # noqa: E402
     per_evaluation_flops,
     to_uint8,
 )
+from lightning_modules.seeds import STEP_NOISE_STREAM, derive_seed  # noqa: E402
 from lightning_modules.setup_run import instantiate_user_object, resolve_checkpoint_path  # noqa: E402
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 RESULTS_FILE = "results.jsonl"
 COST_FILE = "selection_cost.json"
+TRACE_FILE = "variance_trace.json"
 
 
 def configuration_key(entry: dict[str, Any]) -> tuple:
@@ -115,7 +122,7 @@ def measure(args: argparse.Namespace) -> None:
     done = {configuration_key(entry) for entry in load_results(args.output)}
     plans = [plan for plan in planned_configurations(args) if configuration_key(plan) not in done]
     print(f"{len(plans)} configurations to measure, {len(done)} already in {args.output / RESULTS_FILE}", flush=True)
-    if not plans:
+    if not plans and (not args.trace_steps or (args.output / TRACE_FILE).is_file()):
         return
 
     denoiser = load_denoiser(resolve_checkpoint_path(args.checkpoint), use_ema=not args.no_ema)
@@ -179,6 +186,83 @@ def measure(args: argparse.Namespace) -> None:
             results.write(json.dumps(entry) + "\n")
             results.flush()
             print(f"{settings.describe()}, seed {plan['seed']}: {frechet.describe()}, {wall:.1f} s", flush=True)
+
+    measure_variance_traces(args, denoiser, reference.images)
+
+
+def data_variance(images: np.ndarray) -> float:
+    """Return the mean over images of each image's unbiased variance, uint8 ``(N, H, W, C)`` taken to [-1, 1]."""
+    variances = []
+    for start in range(0, len(images), 4096):
+        chunk = torch.from_numpy(images[start : start + 4096]).double() / 127.5 - 1.0
+        variances.append(chunk.flatten(1).var(dim=1))
+    return float(torch.cat(variances).mean())
+
+
+@torch.no_grad()
+def trace_variance(
+    denoiser: Any, settings: SamplerSettings, image_variance: float, num_samples: int, seed: int
+) -> list[dict[str, float]]:
+    """Sample once; before each step, and after the last, record the samples' mean variance and the data's.
+
+    The data's variance at timestep ``t`` is ``alphabar_t * v + 1 - alphabar_t``, the expected
+    variance of a training image noised to ``t``, with ``v`` the images' mean variance.
+    """
+    sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
+    sampler.set_timesteps(settings.num_steps, settings.spacing)
+    x = torch.randn((num_samples, *denoiser.image_shape), generator=torch.Generator().manual_seed(seed))
+    step_generator = torch.Generator().manual_seed(derive_seed(STEP_NOISE_STREAM, seed, 0))
+    denoiser.net.eval()
+
+    rows = []
+    for timestep in [*sampler.timesteps.tolist(), -1]:
+        alphabar = float(sampler.alphabar[timestep]) if timestep >= 0 else 1.0
+        rows.append(
+            {
+                "timestep": timestep,
+                "sample_variance": float(x.flatten(1).var(dim=1).mean()),
+                "data_variance": alphabar * image_variance + 1.0 - alphabar,
+            }
+        )
+        if timestep >= 0:
+            model_timesteps = sampler.model_timesteps(x, timestep)
+            output = denoiser.net(x, model_timesteps)
+            x = sampler.step(output, model_timesteps, x, generator=step_generator)
+    return rows
+
+
+def measure_variance_traces(args: argparse.Namespace, denoiser: Any, images: np.ndarray) -> None:
+    """Write ``variance_trace.json``: for each sampler and ``--trace-steps``, plain and time-shifted traces."""
+    path = args.output / TRACE_FILE
+    if path.is_file() or not args.trace_steps:
+        return
+    image_variance = data_variance(images)
+    traces = []
+    for steps in args.trace_steps:
+        for sampler in args.samplers:
+            for window in (0, *args.windows):
+                settings = SamplerSettings(
+                    name=sampler,
+                    num_steps=steps,
+                    spacing=args.spacing,
+                    time_shift={"window": window, "cutoff": args.cutoff, "placement": args.placement},
+                )
+                rows = trace_variance(denoiser, settings, image_variance, args.num_samples, args.seeds[0])
+                traces.append({"describe": settings.describe(), "sampler": sampler, "steps": steps, "rows": rows})
+                print(f"variance trace: {settings.describe()}", flush=True)
+    path.write_text(json.dumps({"image_variance": image_variance, "traces": traces}, indent=2) + "\n")
+
+
+def format_traces(record: dict[str, Any]) -> str:
+    """Return one markdown table per trace: timestep, the data's variance and the samples'."""
+    lines = [f"Mean variance per sample before each step; the data's images have {record['image_variance']:.4f}."]
+    for trace in record["traces"]:
+        lines += ["", f"{trace['describe']}:", "", "| timestep | data | samples | ratio |", "|---|---|---|---|"]
+        for row in trace["rows"]:
+            timestep = row["timestep"] if row["timestep"] >= 0 else "after the last step"
+            ratio = row["sample_variance"] / row["data_variance"]
+            lines.append(f"| {timestep} | {row['data_variance']:.4f} | {row['sample_variance']:.4f} | {ratio:.3f} |")
+    return "\n".join(lines)
 
 
 def measure_selection_cost(args: argparse.Namespace) -> dict[str, Any]:
@@ -332,6 +416,9 @@ def report(output: Path) -> None:
             f"{1000 * cost['network_evaluation_median_s']:.1f} ms for one network evaluation "
             f"({100 * cost['overhead_per_step']:.2f} %; medians of {cost['rounds']}, {cost['threads']} thread(s))"
         )
+    trace_path = output / TRACE_FILE
+    if trace_path.is_file():
+        table += "\n\n" + format_traces(json.loads(trace_path.read_text()))
     (output / "report.md").write_text(table + "\n")
     (output / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
@@ -362,6 +449,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--placement-steps", type=int, nargs="*", default=[10], help="step counts that also run the other placements"
+    )
+    parser.add_argument(
+        "--trace-steps", type=int, nargs="*", default=[10], help="step counts whose variance per step is recorded"
     )
     parser.add_argument("--spacing", default="trailing")
     parser.add_argument("--num-samples", type=int, default=256, help="samples per configuration and seed")

@@ -4,8 +4,15 @@ import argparse
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
+from torch import nn
+
+from diffusion.schedules import make_schedule
+from lightning_modules.diffusion import SamplerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +83,44 @@ def test_time_shift_reads_results_before_placement(time_shift_script, tmp_path):
     entries = time_shift_script.load_results(tmp_path)
     assert [entry["placement"] for entry in entries] == [None, "sample", "time_input"]
     assert all("shift_alphabar" not in entry for entry in entries)
+
+
+class ExactGaussianEpsilon(nn.Module):
+    """The exact epsilon prediction for data whose pixels are independent N(0, std^2)."""
+
+    def __init__(self, alphabar: torch.Tensor, std: float) -> None:
+        super().__init__()
+        self.alphabar = alphabar
+        self.std = std
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        level = self.alphabar[timesteps].to(sample.dtype).view(-1, 1, 1, 1)
+        return (1 - level).sqrt() / (level * self.std**2 + 1 - level) * sample
+
+
+def test_time_shift_data_variance_per_image(time_shift_script):
+    images = np.zeros((2, 2, 2, 1), dtype=np.uint8)
+    images[0, 0, 0, 0] = 255
+
+    # Image 0 in [-1, 1] is one 1 and three -1: mean -0.5, unbiased variance (2.25 + 3 * 0.25) / 3 = 1.
+    # Image 1 is constant.
+    assert time_shift_script.data_variance(images) == pytest.approx(0.5)
+
+
+def test_time_shift_trace_follows_exact_model(time_shift_script):
+    alphabar = make_schedule("linear", 1000)
+    denoiser = SimpleNamespace(
+        alphabar=alphabar, prediction_type="epsilon", image_shape=(1, 8, 8), net=ExactGaussianEpsilon(alphabar, 0.5)
+    )
+    # With all 1000 steps, DDPM with the exact model samples the data's distribution at every timestep.
+    settings = SamplerSettings(name="ddpm", num_steps=1000, clip_x0=None)
+    rows = time_shift_script.trace_variance(denoiser, settings, image_variance=0.25, num_samples=2000, seed=0)
+
+    assert [row["timestep"] for row in rows[:3]] == [999, 998, 997]
+    assert rows[-1]["timestep"] == -1
+    assert rows[-1]["data_variance"] == pytest.approx(0.25)
+    for row in rows:
+        assert row["sample_variance"] == pytest.approx(row["data_variance"], rel=0.03), row
 
 
 def test_time_shift_gain_paired_by_seed(time_shift_script):
