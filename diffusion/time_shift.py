@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The places where the shifted timestep can enter a sampler's step (see TimeShift).
+# Where the shifted timestep enters a sampler's step; see TimeShift.
 PLACEMENTS: tuple[str, ...] = ("sample", "time_input", "end_point")
 
 
@@ -35,11 +35,10 @@ class TimeShift:
             :meth:`diffusion.samplers.base.Sampler.shift_window`). 0 disables the shift.
         cutoff: scheduled timesteps at or below ``cutoff`` are never shifted. Near ``t = 0``
             the sample's variance is mostly the data's own, which the rule ignores.
-        placement: where the shifted timestep ``t_s`` enters the step, one of
-            :data:`PLACEMENTS`, or None for the sampler's own default
-            (:attr:`diffusion.samplers.base.Sampler.default_time_shift_placement`):
+        placement: where the shifted timestep ``t_s`` enters the step (one of
+            :data:`PLACEMENTS`):
 
-            - ``"sample"`` treats the sample as if it were at ``t_s``. The model is
+            - ``"sample"`` (the default) treats the sample as if it were at ``t_s``. The model is
               evaluated at ``t_s``, and the update converts the model output with
               ``alphabar[t_s]`` and moves from ``t_s`` to the next scheduled timestep.
             - ``"time_input"`` only changes the model's time input to ``t_s``. The update keeps
@@ -56,17 +55,15 @@ class TimeShift:
 
     window: int
     cutoff: int
-    placement: str | None = None
+    placement: str = "sample"
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"time_shift.window must be an integer >= 0 (training timesteps), got {self.window!r}")
         if isinstance(self.cutoff, bool) or not isinstance(self.cutoff, int) or self.cutoff < 0:
             raise ValueError(f"time_shift.cutoff must be an integer >= 0 (a training timestep), got {self.cutoff!r}")
-        if self.placement is not None and self.placement not in PLACEMENTS:
-            raise ValueError(
-                f"time_shift.placement must be one of {', '.join(PLACEMENTS)} or None, got {self.placement!r}"
-            )
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"time_shift.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
 
 
 def select_shifted_timesteps(sample: torch.Tensor, alphabar: torch.Tensor, lowest: int, highest: int) -> torch.Tensor:

@@ -115,7 +115,7 @@ class SamplerSettings:
         window = settings.get("window", 0)
         if window == 0:
             return None
-        return TimeShift(window=window, cutoff=settings.get("cutoff", 0), placement=settings.get("placement"))
+        return TimeShift(window=window, cutoff=settings.get("cutoff", 0), placement=settings.get("placement", "sample"))
 
     def describe(self) -> str:
         """Return a short description such as ``"ddim, 50 steps, trailing"``, for logs and summaries."""
@@ -124,8 +124,9 @@ class SamplerSettings:
             text += f", eta {self.eta}"
         time_shift = self.make_time_shift()
         if time_shift is not None:
-            placement = time_shift.placement or SAMPLER_CLASSES[self.name].default_time_shift_placement
-            text += f", time shift window {time_shift.window} cutoff {time_shift.cutoff} placement {placement}"
+            text += (
+                f", time shift window {time_shift.window} cutoff {time_shift.cutoff} placement {time_shift.placement}"
+            )
         return text
 
 

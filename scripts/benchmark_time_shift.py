@@ -12,8 +12,7 @@ Whole sampling runs are too noisy on a shared machine to resolve an overhead of 
 per cent, so the script also times time-shift's own work per step (the variance and the
 window argmin) against one network evaluation on the same batch.
 
-The time-shift arm uses ``--placement`` (where the shifted timestep enters each step),
-by default each sampler's own default placement.
+The time-shift arm uses ``--placement`` (where the shifted timestep enters each step).
 ``--placement-steps`` adds, at the step counts it names, the other placements:
 ``"sample"``, ``"time_input"`` and ``"end_point"`` (see :mod:`diffusion.time_shift`).
 
@@ -57,7 +56,6 @@ from diffusion.frechet import (  # noqa: E402
 )
 from diffusion.time_shift import PLACEMENTS, select_shifted_timesteps  # noqa: E402
 from lightning_modules.diffusion import (  # noqa: E402
-    SAMPLER_CLASSES,
     SamplerSettings,
     build_sampler,
     generate_samples,
@@ -103,11 +101,11 @@ def planned_configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     """List every configuration to measure, the time-shift arms next to their plain arm."""
     plans = []
     for steps in args.steps:
+        placements = PLACEMENTS if steps in args.placement_steps else (args.placement,)
+        # The main placement first, the others after it.
+        placements = [args.placement] + [placement for placement in placements if placement != args.placement]
         for seed in args.seeds:
             for sampler in args.samplers:
-                main = args.placement or SAMPLER_CLASSES[sampler].default_time_shift_placement
-                others = [placement for placement in PLACEMENTS if placement != main]
-                placements = [main] + (others if steps in args.placement_steps else [])
                 plans.append({"sampler": sampler, "steps": steps, "window": 0, "placement": None, "seed": seed})
                 for window in args.windows:
                     for placement in placements:
@@ -150,7 +148,7 @@ def measure(args: argparse.Namespace) -> None:
                 time_shift={
                     "window": plan["window"],
                     "cutoff": args.cutoff,
-                    "placement": plan["placement"],
+                    "placement": plan["placement"] or "sample",
                 },
             )
             sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
@@ -442,10 +440,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--windows", type=int, nargs="+", default=[40], help="time-shift windows, training timesteps")
     parser.add_argument("--cutoff", type=int, default=300, help="time-shift cutoff, training timesteps")
     parser.add_argument(
-        "--placement",
-        choices=PLACEMENTS,
-        default=None,
-        help="where the shifted timestep enters each step; default: each sampler's default",
+        "--placement", choices=PLACEMENTS, default="sample", help="where the shifted timestep enters each step"
     )
     parser.add_argument(
         "--placement-steps", type=int, nargs="*", default=[10], help="step counts that also run the other placements"

@@ -58,20 +58,6 @@ def test_time_shift_plan_pairs_arms(time_shift_script):
     assert [plan["placement"] for plan in plans if plan["steps"] == 5] == [None, "end_point"] * 2
 
 
-def test_time_shift_plan_uses_sampler_default(time_shift_script):
-    args = argparse.Namespace(
-        steps=[5], seeds=[0], samplers=["ddpm", "ddim"], windows=[40], placement=None, placement_steps=[]
-    )
-    plans = time_shift_script.planned_configurations(args)
-
-    assert [(plan["sampler"], plan["placement"]) for plan in plans] == [
-        ("ddpm", None),
-        ("ddpm", "end_point"),
-        ("ddim", None),
-        ("ddim", "sample"),
-    ]
-
-
 def test_time_shift_reads_results_before_placement(time_shift_script, tmp_path):
     old_entries = [
         {"sampler": "ddpm", "steps": 10, "window": 0, "shift_alphabar": True, "seed": 0},

@@ -585,7 +585,7 @@ def test_time_shift_rejects_timestep_outside_window() -> None:
 @pytest.mark.parametrize("sampler_name", ["ddpm", "ddim", "dpm_solver"])
 def test_time_shift_sampling_runs(sampler_name: str) -> None:
     alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
-    shift = TimeShift(window=80, cutoff=300, placement="sample")
+    shift = TimeShift(window=80, cutoff=300)
     sampler = SAMPLERS[sampler_name](alphabar, prediction_type="epsilon", time_shift=shift)
     exact_model = gaussian_denoiser(alphabar, "epsilon")
     seen_timesteps = []
@@ -609,21 +609,10 @@ def test_time_shift_sampling_runs(sampler_name: str) -> None:
     assert shifted_steps > 0
 
 
-def test_time_shift_default_placement_per_sampler() -> None:
-    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
-    shift = TimeShift(window=40, cutoff=300)
-    assert shift.placement is None
-
-    placements = {name: SAMPLERS[name](alphabar, time_shift=shift).time_shift.placement for name in SAMPLERS}
-    assert placements == {"ddpm": "end_point", "ddim": "sample", "dpm_solver": "sample"}
-    chosen = DDPMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=300, placement="time_input"))
-    assert chosen.time_shift.placement == "time_input"
-
-
 def test_time_shift_rejects_invalid_settings() -> None:
     with pytest.raises(ValueError, match="time_shift.window must be an integer >= 0"):
         TimeShift(window=-2, cutoff=300)
     with pytest.raises(ValueError, match="time_shift.cutoff must be an integer >= 0"):
         TimeShift(window=10, cutoff=-1)
-    with pytest.raises(ValueError, match="time_shift.placement must be one of sample, time_input, end_point or None"):
+    with pytest.raises(ValueError, match="time_shift.placement must be one of sample, time_input, end_point"):
         TimeShift(window=10, cutoff=300, placement="target")

@@ -13,7 +13,6 @@ the ``N`` training timesteps, in the shape that diffusers' schedulers made famil
 or in one call, ``sampler.sample(model, (16, 3, 32, 32), num_steps=50)``.
 """
 
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,7 +95,7 @@ class Sampler(ABC):
     variance ``1 - alphabar[t_s]`` is nearest to the sample's variance. Where ``t_s`` enters
     the step is ``time_shift.placement``:
 
-    - ``"sample"``: the model is evaluated at ``t_s`` (:meth:`model_timesteps`),
+    - ``"sample"`` (the default): the model is evaluated at ``t_s`` (:meth:`model_timesteps`),
       and the update converts its output to x0 and epsilon with ``alphabar[t_s]`` and moves
       from ``alphabar[t_s]`` to ``alphabar`` of the next scheduled timestep ``s``.
     - ``"time_input"``: the model is evaluated at ``t_s``; the update keeps ``alphabar[t]``.
@@ -108,10 +107,8 @@ class Sampler(ABC):
     The official code differs between its samplers. Its DEIS sampler changes only the
     model's time input, like ``"time_input"``. Its DDIM sampler for ADM moves the end point
     by ``t_s - t``, like ``"end_point"``. Its PNDM and DPM-Solver samplers also move the end
-    point, but choose it among the timesteps around ``s``, and DPM-Solver then evaluates the
-    model at that end point. A ``time_shift`` without a placement gets the sampler's
-    :attr:`default_time_shift_placement`, the one that did best for that sampler on the
-    models of BENCHMARKS.md.
+    point, but choose it among the timesteps around ``s``; DPM-Solver then evaluates the
+    model at that end point. BENCHMARKS.md measures the three placements for each sampler.
 
     Args:
         alphabar: the training schedule, shape ``(N,)``, strictly decreasing in ``[0, 1)``
@@ -121,9 +118,6 @@ class Sampler(ABC):
             scaled to [-1, 1]) and recompute epsilon from the clamped x0.
         time_shift: time-shift settings, or None for plain sampling.
     """
-
-    # The time-shift placement for a TimeShift whose placement is None.
-    default_time_shift_placement: str = "sample"
 
     def __init__(
         self,
@@ -143,8 +137,6 @@ class Sampler(ABC):
         self.alphabar = alphabar
         self.prediction_type = prediction_type
         self.clip_x0 = clip_x0
-        if time_shift is not None and time_shift.placement is None:
-            time_shift = dataclasses.replace(time_shift, placement=self.default_time_shift_placement)
         self.time_shift = time_shift
         self.timesteps = torch.empty(0, dtype=torch.int64)
         self._step_index: int | None = None

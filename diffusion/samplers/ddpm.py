@@ -21,14 +21,13 @@ class DDPMSampler(Sampler):
     small" in DDPM's terms) and is 0 on the last step, which returns the mean. Arguments are
     those of :class:`diffusion.samplers.base.Sampler`.
 
-    Time shift defaults to the ``"end_point"`` placement here. On the 16x16 CIFAR-10 model
-    of BENCHMARKS.md it lowered the Frechet distance at 5 to 50 steps, where the
-    ``"sample"`` placement raised it. There, the variance of DDPM's samples stayed within
-    2 % of the training data's at each timestep, while DDIM's exceeded it. The rule, which
-    ignores the data's own variance, still moved DDPM's samples to noisier timesteps.
+    NOTE: which time-shift placement helps DDPM depends on the model. On a small 16x16
+    CIFAR-10 model (BENCHMARKS.md), the default ``"sample"`` placement made DDPM worse at
+    5 to 50 steps, and ``"end_point"`` made it better at 5 to 20 steps. On the digits it was
+    the other way round. On the CIFAR-10 model, above the cutoff, DDPM's samples kept the
+    variance of the noised data at their timestep, so the rule, which ignores the data's own
+    variance, moved them to noisier timesteps than they were at.
     """
-
-    default_time_shift_placement = "end_point"
 
     def _update(
         self,
