@@ -11,9 +11,13 @@ One run trains, on CIFAR-10 (JPEG copy) area-downsampled to ``--resolution`` pix
   joint horizontal flips), then Flow-Guided Distillation for ``--distill-steps``
   (both terms, t' ~ U(0.2, 0.8));
 - ``baseline``: the same student with plain reflow (beta = 0, no flips) for the same
-  steps, then one-step distillation with term 1 only for the same steps.
+  steps, then one-step distillation with term 1 only for the same steps;
+- ``annealing_plain`` (with ``--ablation``): Annealing Reflow as in ``slimflow``, then the
+  baseline's distillation (term 1 only). It differs from ``slimflow`` only in the
+  distillation and from ``baseline`` only in the reflow, so it splits their difference
+  between the two stages.
 
-Both arms see the same pairs, batch size, learning rate and step counts. Then it prints
+All arms see the same pairs, batch size, learning rate and step counts. Then it prints
 the one-step Frechet distance of both students and of the teacher (Euler with each of
 ``--teacher-step-counts``, and RK45 at ``--teacher-rk45-tolerance``), and the images per
 second of the one-step student against the teacher's best Euler setting and its RK45 solve.
@@ -368,7 +372,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Students
     arms = {}
-    for arm, flow_guided in (("slimflow", True), ("baseline", False)):
+    arm_stages = [("slimflow", True, True), ("baseline", False, False)]
+    if args.ablation:
+        arm_stages.append(("annealing_plain", True, False))
+    for arm, annealing, flow_guided in arm_stages:
         model_path = output / f"{arm}_student.pt"
         record_path = output / f"{arm}.json"
         if model_path.is_file():
@@ -376,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             student.load_state_dict(torch.load(model_path, weights_only=True))
             arms[arm] = {"net": student.eval(), "record": json.loads(record_path.read_text())}
             continue
-        reflow_model, reflow_record = train_reflow(pairs, args, annealing=flow_guided)
+        reflow_model, reflow_record = train_reflow(pairs, args, annealing=annealing)
         student, distill_record = train_distillation(reflow_model, pairs, args, flow_guided=flow_guided)
         record = {"reflow": reflow_record, "distillation": distill_record}
         record["fd_reflow_one_step"] = fd_of(generate(reflow_model, args.num_samples, 1, args))
@@ -433,6 +440,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "slimflow": {"fd_one_step": student_fds["slimflow"], **arms["slimflow"]["record"]},
         "baseline": {"fd_one_step": student_fds["baseline"], **arms["baseline"]["record"]},
+        **(
+            {"annealing_plain": {"fd_one_step": student_fds["annealing_plain"], **arms["annealing_plain"]["record"]}}
+            if "annealing_plain" in arms
+            else {}
+        ),
         "data_floor_fd": data_floor["fd"],
         "images_per_second": speed,
         "threads": args.threads,
@@ -469,6 +481,11 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"| baseline student (plain reflow + one-step distillation) | {parameters['student']:,} | 1 | "
         f"{results['baseline']['fd_one_step']:.2f} |"
     )
+    if "annealing_plain" in results:
+        lines.append(
+            f"| ablation student (annealing reflow + one-step distillation) | {parameters['student']:,} | 1 | "
+            f"{results['annealing_plain']['fd_one_step']:.2f} |"
+        )
     lines.append(
         f"| SlimFlow student before distillation (annealing reflow) | {parameters['student']:,} | 1 | "
         f"{results['slimflow']['fd_reflow_one_step']:.2f} |"
@@ -519,6 +536,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1e-3,
         help="rtol and atol of the teacher's RK45 arm (FD and speed); 0 skips it",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also train annealing reflow + one-step distillation (term 1 only)",
     )
     return parser.parse_args(argv)
 

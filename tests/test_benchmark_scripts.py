@@ -133,3 +133,43 @@ def test_time_shift_report_names_metric(time_shift_script, tmp_path):
 
     assert table.startswith("FD-ResNet20 (256 samples)")
     assert "| ddim | 10 | w=40, sample | 9.000 +- 0.000 | +10.0 %, +10.0 % | 1/1 | +0.0 % |" in table
+
+
+@pytest.fixture(scope="module")
+def slimflow_script():
+    return load_script("benchmark_slimflow")
+
+
+def slimflow_results(ablation: bool) -> dict:
+    student = {"fd_one_step": 2.2, "fd_reflow_one_step": 2.3}
+    results = {
+        "metric": "FD-ResNet20 (2000 samples)",
+        "distance": "pseudo-Huber",
+        "budget": {"num_pairs": 10000},
+        "pair_solver": "Euler 16 steps",
+        "parameters": {"teacher": 1_063_651, "student": 267_891},
+        "teacher": {"fd_by_euler_steps": {"1": 23.9, "32": 1.19}, "rk45": None},
+        "slimflow": student,
+        "baseline": {"fd_one_step": 2.06, "fd_reflow_one_step": 2.37},
+        "data_floor_fd": 0.02,
+        "images_per_second": {"student_one_step": 2000.0},
+        "threads": 1,
+    }
+    if ablation:
+        results["annealing_plain"] = {"fd_one_step": 1.95, "fd_reflow_one_step": 2.28}
+    return results
+
+
+def test_slimflow_report_lists_ablation_arm(slimflow_script):
+    with_ablation = slimflow_script.format_markdown(slimflow_results(ablation=True))
+    without_ablation = slimflow_script.format_markdown(slimflow_results(ablation=False))
+
+    assert "| ablation student (annealing reflow + one-step distillation) | 267,891 | 1 | 1.95 |" in with_ablation
+    assert "ablation student" not in without_ablation
+    assert "| baseline student (plain reflow + one-step distillation) | 267,891 | 1 | 2.06 |" in without_ablation
+
+
+def test_slimflow_ablation_flag(slimflow_script):
+    arguments = ["--feature-checkpoint", "resnet20.ckpt"]
+    assert slimflow_script.parse_arguments(arguments).ablation is False
+    assert slimflow_script.parse_arguments([*arguments, "--ablation"]).ablation is True
