@@ -85,7 +85,12 @@ def load_results(output: Path) -> list[dict[str, Any]]:
         # Files written before the placement option record a boolean, shift_alphabar.
         if "placement" not in entry:
             shift_alphabar = entry.pop("shift_alphabar")
-            entry["placement"] = None if entry["window"] == 0 else ("sample" if shift_alphabar else "time_input")
+            if entry["window"] == 0:
+                entry["placement"] = None
+            elif shift_alphabar:
+                entry["placement"] = "sample"
+            else:
+                entry["placement"] = "time_input"
     return entries
 
 

@@ -565,7 +565,7 @@ def test_time_shift_end_point_sampling_runs(sampler_name: str) -> None:
         generator = torch.Generator().manual_seed(8)
         outputs[placement] = sampler.sample(recording_model, (16, 1, 8, 8), 10, generator=generator).samples
 
-    # The model always sees the scheduled timesteps; only the updates' end points move.
+    # The model is always evaluated at the scheduled timesteps, and only the updates' end points move.
     scheduled = sampler.timesteps.tolist()
     for timesteps, timestep in zip(seen_timesteps, scheduled * 2, strict=True):
         assert timesteps.tolist() == [timestep] * 16
