@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Where the shifted timestep enters a sampler's step; see TimeShift.
+# The places where the shifted timestep can enter a sampler's step (see TimeShift).
 PLACEMENTS: tuple[str, ...] = ("sample", "time_input", "end_point")
 
 

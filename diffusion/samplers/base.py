@@ -107,8 +107,9 @@ class Sampler(ABC):
     The official code differs between its samplers. Its DEIS sampler changes only the
     model's time input, like ``"time_input"``. Its DDIM sampler for ADM moves the end point
     by ``t_s - t``, like ``"end_point"``. Its PNDM and DPM-Solver samplers also move the end
-    point, but choose it among the timesteps around ``s``; DPM-Solver then evaluates the
-    model at that end point. BENCHMARKS.md measures the three placements for each sampler.
+    point, but choose it among the timesteps around ``s``, and DPM-Solver then evaluates the
+    model at that end point. BENCHMARKS.md measures the three placements for each sampler:
+    which one helps depends on the sampler and on the model.
 
     Args:
         alphabar: the training schedule, shape ``(N,)``, strictly decreasing in ``[0, 1)``

@@ -21,12 +21,13 @@ class DDPMSampler(Sampler):
     small" in DDPM's terms) and is 0 on the last step, which returns the mean. Arguments are
     those of :class:`diffusion.samplers.base.Sampler`.
 
-    NOTE: which time-shift placement helps DDPM depends on the model. On a small 16x16
-    CIFAR-10 model (BENCHMARKS.md), the default ``"sample"`` placement made DDPM worse at
-    5 to 50 steps, and ``"end_point"`` made it better at 5 to 20 steps. On the digits it was
-    the other way round. On the CIFAR-10 model, above the cutoff, DDPM's samples kept the
-    variance of the noised data at their timestep, so the rule, which ignores the data's own
-    variance, moved them to noisier timesteps than they were at.
+    NOTE: which time-shift placement helps DDPM depends on the model, and why is not known.
+    On a small 16x16 CIFAR-10 model (BENCHMARKS.md), the default ``"sample"`` placement made
+    DDPM worse at 5 to 50 steps, and ``"end_point"`` made it better at 5 to 20 steps. On the
+    digits it was the other way round. The samples' variance does not explain it: on the
+    CIFAR-10 model, DDPM's samples had the variance of the noised data at the shifted
+    timesteps, while DDIM's exceeded it and gained from ``"sample"``. On the digits, the
+    samples of every sampler had less variance than the data, and all gained from it.
     """
 
     def _update(
