@@ -26,8 +26,9 @@ The distance is FD-ResNet20: the Frechet distance in the penultimate features of
 CIFAR-10 ResNet-20 (``--feature-checkpoint``), between ``--num-samples`` samples and the
 10,000 test images, both downsampled to the working resolution and upsampled back to
 32x32 (bilinear), so the feature network sees the same blur on both sides. It is a
-relative measure, not FID. Every stage writes its result to ``--output`` and is skipped
-when rerun with the same folder.
+relative measure, not FID. Every stage writes its result to ``--output`` with the
+settings it was made with. A rerun with the same folder reuses it only while those
+settings, and those of the stages it was built from, are unchanged.
 
     OMP_NUM_THREADS=1 python scripts/benchmark_slimflow.py --threads 1 \\
         --feature-checkpoint /work/bench_pruning/dense --output /tmp/bench_slimflow
@@ -38,6 +39,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -292,12 +294,52 @@ def measure_images_per_second(
     return statistics.median(rates)
 
 
-def cached(path: Path, compute: Any) -> dict[str, Any]:
-    """Return the JSON record at ``path``, or compute it, write it and return it."""
-    if path.is_file():
-        return json.loads(path.read_text())
+# The arguments each stage's result depends on. A stage stored in --output is reused only
+# while these, and those of the stages it was built from, are unchanged.
+TEACHER_SETTINGS = (
+    "seed",
+    "resolution",
+    "train_subset",
+    "teacher_width",
+    "batch_size",
+    "lr",
+    "warmup_fraction",
+    "ema_decay",
+    "teacher_steps",
+)
+PAIR_SETTINGS = ("num_pairs", "pair_steps")
+STUDENT_SETTINGS = ("student_width", "reflow_steps", "anneal_fraction", "distill_steps", "distance")
+EVALUATION_SETTINGS = ("num_samples", "feature_checkpoint")
+
+
+def stage_key(args: argparse.Namespace, names: tuple[str, ...], built_from: dict[str, Any] | None = None) -> dict:
+    """Return the settings ``names`` of ``args`` as JSON values, with the key of the stage it was built from."""
+    key: dict[str, Any] = {}
+    for name in names:
+        value = getattr(args, name)
+        key[name] = str(value) if isinstance(value, Path) else value
+    if built_from is not None:
+        key["built_from"] = built_from
+    return key
+
+
+def stored_matches(path: Path, key: dict[str, Any], what: str) -> bool:
+    """Return whether the JSON file at ``path`` was written for ``key``; log why not when it exists."""
+    if not path.is_file():
+        return False
+    stored = json.loads(path.read_text()).get("key")
+    if stored == key:
+        return True
+    log.info("%s in %s was made with other settings, so it is made again", what, path.parent)
+    return False
+
+
+def cached(path: Path, compute: Any, key: dict[str, Any]) -> dict[str, Any]:
+    """Return the record stored at ``path`` for ``key``, or compute it, store it with ``key`` and return it."""
+    if stored_matches(path, key, path.stem):
+        return json.loads(path.read_text())["value"]
     record = compute()
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps({"key": key, "value": record}, indent=2) + "\n")
     return record
 
 
@@ -329,18 +371,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # The data set lists images class by class, so the floor uses a random draw, not the first images.
     floor_indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.num_samples]
-    data_floor = cached(output / "data_floor.json", lambda: {"fd": fd_of(train[floor_indices])})
+    floor_key = stage_key(args, ("seed", "resolution", "train_subset", *EVALUATION_SETTINGS))
+    data_floor = cached(output / "data_floor.json", lambda: {"fd": fd_of(train[floor_indices])}, floor_key)
 
     # Teacher
+    teacher_key = stage_key(args, TEACHER_SETTINGS)
     teacher_path = output / "teacher.pt"
-    if teacher_path.is_file():
+    if teacher_path.is_file() and stored_matches(output / "teacher.json", teacher_key, "the teacher"):
         teacher = build_unet(args.teacher_width)
         teacher.load_state_dict(torch.load(teacher_path, weights_only=True))
-        teacher_record = json.loads((output / "teacher.json").read_text())
+        teacher_record = json.loads((output / "teacher.json").read_text())["record"]
     else:
         teacher, teacher_record = train_teacher(train, args)
         torch.save(teacher.state_dict(), teacher_path)
-        (output / "teacher.json").write_text(json.dumps(teacher_record, indent=2) + "\n")
+        (output / "teacher.json").write_text(
+            json.dumps({"key": teacher_key, "record": teacher_record}, indent=2) + "\n"
+        )
     teacher.eval()
 
     # Pairs
@@ -355,6 +401,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def teacher_map(z0: torch.Tensor) -> torch.Tensor:
             return rk45_sample(teacher_velocity, z0).x1
+
+    # Shards of another teacher or solver would pass the pair generator's own checks of seed and shape.
+    pairs_key = stage_key(args, PAIR_SETTINGS, teacher_key)
+    pairs_key_path = output / "pairs_key.json"
+    if (output / "pairs").exists() and not stored_matches(pairs_key_path, pairs_key, "the reflow pairs"):
+        shutil.rmtree(output / "pairs")
+    pairs_key_path.write_text(json.dumps({"key": pairs_key}, indent=2) + "\n")
 
     pair_start = time.perf_counter()
     generate_reflow_pairs(
@@ -378,17 +431,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for arm, annealing, flow_guided in arm_stages:
         model_path = output / f"{arm}_student.pt"
         record_path = output / f"{arm}.json"
-        if model_path.is_file():
+        student_key = {**stage_key(args, STUDENT_SETTINGS, pairs_key), "arm": arm}
+        if model_path.is_file() and stored_matches(record_path, student_key, f"the {arm} student"):
             student = build_unet(args.student_width)
             student.load_state_dict(torch.load(model_path, weights_only=True))
-            arms[arm] = {"net": student.eval(), "record": json.loads(record_path.read_text())}
+            arms[arm] = {"net": student.eval(), "record": json.loads(record_path.read_text())["record"]}
             continue
         reflow_model, reflow_record = train_reflow(pairs, args, annealing=annealing)
         student, distill_record = train_distillation(reflow_model, pairs, args, flow_guided=flow_guided)
         record = {"reflow": reflow_record, "distillation": distill_record}
         record["fd_reflow_one_step"] = fd_of(generate(reflow_model, args.num_samples, 1, args))
         torch.save(student.state_dict(), model_path)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        record_path.write_text(json.dumps({"key": student_key, "record": record}, indent=2) + "\n")
         arms[arm] = {"net": student.eval(), "record": record}
 
     # Frechet distances
@@ -397,7 +451,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             str(steps): fd_of(generate(teacher, args.num_samples, steps, args)) for steps in args.teacher_step_counts
         }
 
-    teacher_fds = cached(output / "teacher_fd.json", teacher_fd)
+    teacher_fd_key = stage_key(args, (*EVALUATION_SETTINGS, "teacher_step_counts"), teacher_key)
+    teacher_fds = cached(output / "teacher_fd.json", teacher_fd, teacher_fd_key)
 
     # The teacher's adaptive solver, the multi-step sampling a rectified flow is usually evaluated with.
     def teacher_rk45_fd() -> dict[str, Any]:
@@ -407,7 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_rk45 = None
     if args.teacher_rk45_tolerance:
         rk45_path = output / f"teacher_rk45_fd_tol{args.teacher_rk45_tolerance:g}.json"
-        teacher_rk45 = cached(rk45_path, teacher_rk45_fd)
+        rk45_key = stage_key(args, (*EVALUATION_SETTINGS, "teacher_rk45_tolerance"), teacher_key)
+        teacher_rk45 = cached(rk45_path, teacher_rk45_fd, rk45_key)
     student_fds = {arm: fd_of(generate(entry["net"], args.num_samples, 1, args)) for arm, entry in arms.items()}
     best_steps = min(teacher_fds, key=lambda steps: teacher_fds[steps])
 

@@ -173,3 +173,39 @@ def test_slimflow_ablation_flag(slimflow_script):
     arguments = ["--feature-checkpoint", "resnet20.ckpt"]
     assert slimflow_script.parse_arguments(arguments).ablation is False
     assert slimflow_script.parse_arguments([*arguments, "--ablation"]).ablation is True
+
+
+def test_slimflow_cache_recomputes_for_new_settings(slimflow_script, tmp_path):
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"fd": float(len(calls))}
+
+    path = tmp_path / "teacher_fd.json"
+    assert slimflow_script.cached(path, compute, {"num_samples": 100}) == {"fd": 1.0}
+    assert slimflow_script.cached(path, compute, {"num_samples": 100}) == {"fd": 1.0}
+    assert slimflow_script.cached(path, compute, {"num_samples": 200}) == {"fd": 2.0}
+    assert len(calls) == 2
+
+
+def test_slimflow_cache_recomputes_unkeyed_file(slimflow_script, tmp_path):
+    path = tmp_path / "data_floor.json"
+    path.write_text(json.dumps({"fd": 9.0}))
+
+    assert slimflow_script.cached(path, lambda: {"fd": 0.5}, {"seed": 0}) == {"fd": 0.5}
+
+
+def test_slimflow_student_key_follows_teacher(slimflow_script):
+    arguments = ["--feature-checkpoint", "resnet20.ckpt"]
+    base = slimflow_script.parse_arguments(arguments)
+    longer_teacher = slimflow_script.parse_arguments([*arguments, "--teacher-steps", "4000"])
+
+    def student_key(args) -> dict:
+        teacher = slimflow_script.stage_key(args, slimflow_script.TEACHER_SETTINGS)
+        pairs = slimflow_script.stage_key(args, slimflow_script.PAIR_SETTINGS, teacher)
+        return slimflow_script.stage_key(args, slimflow_script.STUDENT_SETTINGS, pairs)
+
+    assert student_key(base) == student_key(slimflow_script.parse_arguments(arguments))
+    assert student_key(base) != student_key(longer_teacher)
+    assert json.loads(json.dumps(student_key(base))) == student_key(base)
