@@ -84,6 +84,11 @@ def select_shifted_timesteps(sample: torch.Tensor, alphabar: torch.Tensor, lowes
             f"time-shift window [{lowest}, {highest}] must lie within the {len(alphabar)} training timesteps"
         )
     values = sample.detach().flatten(1)
+    if values.shape[1] < 2:
+        raise ValueError(
+            f"time shift needs at least two values per sample to estimate its variance, got samples of shape "
+            f"{tuple(sample.shape)}; turn time shift off for such data"
+        )
     if values.dtype in (torch.float16, torch.bfloat16):
         # Half precision loses the small variance differences between neighbouring timesteps.
         values = values.float()

@@ -23,7 +23,10 @@ noisier than their timestep (the exposure bias that time-shift assumes).
 
 Each result is appended to ``<output>/results.jsonl`` as soon as it is measured, and
 configurations already there are skipped, so an interrupted run continues where it
-stopped. ``--report-only`` prints the table and draws the plot from that file.
+stopped. ``<output>/settings.json`` records what all of them share (the checkpoints,
+data, sample count, spacing, cutoff), and a run with other settings stops with an error
+rather than mix its results in. ``--report-only`` prints the table and draws the plot
+from the results file.
 
     python scripts/benchmark_time_shift.py --checkpoint logs/ddpm_cifar10_cpu/runs/<time> \\
         --feature-checkpoint logs/cifar10_resnet20/runs/<time> --output /tmp/bench_time_shift
@@ -70,6 +73,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 RESULTS_FILE = "results.jsonl"
 COST_FILE = "selection_cost.json"
 TRACE_FILE = "variance_trace.json"
+SETTINGS_FILE = "settings.json"
 
 
 def configuration_key(entry: dict[str, Any]) -> tuple:
@@ -120,12 +124,45 @@ def planned_configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     return plans
 
 
+def output_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the settings that every result in ``--output`` shares, besides its own configuration."""
+    return {
+        "checkpoint": str(resolve_checkpoint_path(args.checkpoint)),
+        "feature_checkpoint": str(args.feature_checkpoint),
+        "data_override": args.data_override or ["data=cifar10"],
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "spacing": args.spacing,
+        "cutoff": args.cutoff,
+        "no_ema": args.no_ema,
+    }
+
+
+def check_output_settings(args: argparse.Namespace) -> None:
+    """Record the shared settings in ``--output``; exit if its results were measured with other ones."""
+    path = args.output / SETTINGS_FILE
+    settings = output_settings(args)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = sorted(name for name in settings if stored.get(name) != settings[name])
+        if changed:
+            raise SystemExit(
+                f"{args.output} holds results measured with other {', '.join(changed)} "
+                f"({', '.join(f'{name}={stored.get(name)!r}' for name in changed)}); pass a new --output"
+            )
+        return
+    if (args.output / RESULTS_FILE).is_file():
+        print(f"{args.output} has results but no {SETTINGS_FILE}; assuming they were measured with these settings")
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def measure(args: argparse.Namespace) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
+    check_output_settings(args)
     done = {configuration_key(entry) for entry in load_results(args.output)}
     plans = [plan for plan in planned_configurations(args) if configuration_key(plan) not in done]
     print(f"{len(plans)} configurations to measure, {len(done)} already in {args.output / RESULTS_FILE}", flush=True)
-    if not plans and (not args.trace_steps or (args.output / TRACE_FILE).is_file()):
+    if not plans and (not args.trace_steps or trace_is_current(args)):
         return
 
     denoiser = load_denoiser(resolve_checkpoint_path(args.checkpoint), use_ema=not args.no_ema)
@@ -234,10 +271,19 @@ def trace_variance(
     return rows
 
 
+def trace_is_current(args: argparse.Namespace) -> bool:
+    """Return whether ``--output`` has a variance trace for this ``--placement`` and ``--trace-steps``."""
+    path = args.output / TRACE_FILE
+    if not path.is_file():
+        return False
+    stored = json.loads(path.read_text())
+    return stored.get("placement") == args.placement and stored.get("trace_steps") == args.trace_steps
+
+
 def measure_variance_traces(args: argparse.Namespace, denoiser: Any, images: np.ndarray) -> None:
     """Write ``variance_trace.json``: for each sampler and ``--trace-steps``, plain and time-shifted traces."""
     path = args.output / TRACE_FILE
-    if path.is_file() or not args.trace_steps:
+    if not args.trace_steps or trace_is_current(args):
         return
     image_variance = data_variance(images)
     traces = []
@@ -253,7 +299,13 @@ def measure_variance_traces(args: argparse.Namespace, denoiser: Any, images: np.
                 rows = trace_variance(denoiser, settings, image_variance, args.num_samples, args.seeds[0])
                 traces.append({"describe": settings.describe(), "sampler": sampler, "steps": steps, "rows": rows})
                 print(f"variance trace: {settings.describe()}", flush=True)
-    path.write_text(json.dumps({"image_variance": image_variance, "traces": traces}, indent=2) + "\n")
+    record = {
+        "placement": args.placement,
+        "trace_steps": args.trace_steps,
+        "image_variance": image_variance,
+        "traces": traces,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def format_traces(record: dict[str, Any]) -> str:
@@ -332,6 +384,7 @@ def summarise(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["gain_mean"] = statistics.mean(gains)
             row["gain_min"] = min(gains)
             row["improved_seeds"] = sum(gain > 0 for gain in gains)
+            row["paired_seeds"] = len(paired)
             row["wall_overhead_median"] = statistics.median(overheads)
         rows.append(row)
     return rows
@@ -355,7 +408,7 @@ def format_table(rows: list[dict[str, Any]], entries: list[dict[str, Any]]) -> s
         gain = overhead = improved = "-"
         if "gain_mean" in row:
             gain = f"{100 * row['gain_mean']:+.1f} %, {100 * row['gain_min']:+.1f} %"
-            improved = f"{row['improved_seeds']}/{row['seeds']}"
+            improved = f"{row['improved_seeds']}/{row['paired_seeds']}"
             overhead = f"{100 * row['wall_overhead_median']:+.1f} %"
         lines.append(
             f"| {row['sampler']} | {row['steps']} | {arm} | {row['frechet_mean']:.3f} +- {row['frechet_std']:.3f} "
@@ -466,6 +519,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if any(window <= 0 for window in args.windows):
+        raise SystemExit(f"--windows must be positive, got {args.windows}; the plain arm (window 0) always runs")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.report_only:

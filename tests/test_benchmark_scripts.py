@@ -209,3 +209,39 @@ def test_slimflow_student_key_follows_teacher(slimflow_script):
     assert student_key(base) == student_key(slimflow_script.parse_arguments(arguments))
     assert student_key(base) != student_key(longer_teacher)
     assert json.loads(json.dumps(student_key(base))) == student_key(base)
+
+
+def test_time_shift_output_rejects_other_settings(time_shift_script, tmp_path):
+    checkpoint = tmp_path / "ddpm.ckpt"
+    checkpoint.write_bytes(b"")
+    args = argparse.Namespace(
+        output=tmp_path / "out",
+        checkpoint=str(checkpoint),
+        feature_checkpoint="resnet20.ckpt",
+        data_override=None,
+        num_samples=500,
+        batch_size=500,
+        spacing="trailing",
+        cutoff=300,
+        no_ema=False,
+    )
+    args.output.mkdir()
+    time_shift_script.check_output_settings(args)
+    time_shift_script.check_output_settings(args)
+
+    args.cutoff = 200
+    with pytest.raises(SystemExit, match="other cutoff"):
+        time_shift_script.check_output_settings(args)
+
+
+def test_time_shift_counts_paired_seeds(time_shift_script):
+    entries = [
+        result("ddim", 0, 0, frechet=10.0, wall_s=1.0),
+        result("ddim", 40, 0, frechet=9.0, wall_s=1.0),
+        result("ddim", 40, 1, frechet=8.0, wall_s=1.0),
+    ]
+    shifted = [row for row in time_shift_script.summarise(entries) if row["window"] == 40][0]
+
+    assert shifted["seeds"] == 2
+    assert shifted["paired_seeds"] == 1
+    assert "| 1/1 |" in time_shift_script.format_table(time_shift_script.summarise(entries), entries)

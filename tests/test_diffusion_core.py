@@ -27,6 +27,7 @@ from diffusion import (
     rescale_zero_terminal_snr,
 )
 from diffusion.schedules import cosine_schedule, linear_schedule, scaled_linear_schedule
+from diffusion.time_shift import select_shifted_timesteps
 
 MU, SIGMA = 1.0, 0.5
 NUM_TRAIN_TIMESTEPS = 1000
@@ -607,6 +608,12 @@ def test_time_shift_sampling_runs(sampler_name: str) -> None:
         shifted_steps += int(bool((timesteps != timestep).any()))
     # The toy data's own variance (0.25) makes every sample look noisier than its timestep.
     assert shifted_steps > 0
+
+
+def test_time_shift_rejects_one_value_samples() -> None:
+    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
+    with pytest.raises(ValueError, match="at least two values per sample"):
+        select_shifted_timesteps(torch.randn(3, 1), alphabar, 879, 919)
 
 
 def test_time_shift_rejects_invalid_settings() -> None:

@@ -189,11 +189,12 @@ class Sampler(ABC):
         None means no shift at this step: no ``time_shift``, a window of 0, the first step,
         a scheduled timestep at or below the cutoff, or, for the ``"end_point"`` placement,
         the last step. Otherwise the window is ``t - window // 2 .. t + window // 2``, limited
-        to the training timesteps, so that every update moves towards clean data:
+        to the training timesteps and further:
 
         - ``"sample"`` and ``"time_input"``: every candidate lies above the next scheduled
-          timestep ``s``.
-        - ``"end_point"``: every end point ``s + t_s - t`` lies from 0 to ``t - 1``.
+          timestep ``s``. With ``"sample"``, the update then always moves towards clean data.
+        - ``"end_point"``: every end point ``s + t_s - t`` lies from 0 to ``t - 1``, so the
+          update moves towards clean data too.
 
         It leaves out ``alphabar = 0`` for epsilon-prediction models.
         """

@@ -25,9 +25,10 @@ class DDPMSampler(Sampler):
     On a small 16x16 CIFAR-10 model (BENCHMARKS.md), the default ``"sample"`` placement made
     DDPM worse at 5 to 50 steps, and ``"end_point"`` made it better at 5 to 20 steps. On the
     digits it was the other way round. The samples' variance does not explain it: on the
-    CIFAR-10 model, DDPM's samples had the variance of the noised data at the shifted
-    timesteps, while DDIM's exceeded it and gained from ``"sample"``. On the digits, the
-    samples of every sampler had less variance than the data, and all gained from it.
+    CIFAR-10 model, DDPM's samples had the variance of the noised data at the timesteps
+    where time shift acts, while DDIM's exceeded it and gained from ``"sample"``. On the
+    digits, the samples of every sampler had less variance than the data, and all gained
+    from ``"sample"``.
     """
 
     def _update(
