@@ -323,14 +323,25 @@ def stage_key(args: argparse.Namespace, names: tuple[str, ...], built_from: dict
     return key
 
 
-def stored_matches(path: Path, key: dict[str, Any], what: str) -> bool:
-    """Return whether the JSON file at ``path`` was written for ``key``; log why not when it exists."""
+def stage_keys(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Return the keys of the teacher, the reflow pairs and the students (each student adds its arm)."""
+    teacher = stage_key(args, TEACHER_SETTINGS)
+    pairs = stage_key(args, PAIR_SETTINGS, teacher)
+    students = stage_key(args, STUDENT_SETTINGS, pairs)
+    return {"teacher": teacher, "pairs": pairs, "students": students}
+
+
+def stored_matches(path: Path, key: dict[str, Any], stage: str) -> bool:
+    """Return whether the JSON file at ``path`` was written for ``key``.
+
+    A file written for another key is logged, because its stage is then made again.
+    """
     if not path.is_file():
         return False
     stored = json.loads(path.read_text()).get("key")
     if stored == key:
         return True
-    log.info("%s in %s was made with other settings, so it is made again", what, path.parent)
+    log.info("%s in %s was made with different settings, so it is made again", stage, path.parent)
     return False
 
 
@@ -375,7 +386,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_floor = cached(output / "data_floor.json", lambda: {"fd": fd_of(train[floor_indices])}, floor_key)
 
     # Teacher
-    teacher_key = stage_key(args, TEACHER_SETTINGS)
+    keys = stage_keys(args)
+    teacher_key = keys["teacher"]
     teacher_path = output / "teacher.pt"
     if teacher_path.is_file() and stored_matches(output / "teacher.json", teacher_key, "the teacher"):
         teacher = build_unet(args.teacher_width)
@@ -403,7 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return rk45_sample(teacher_velocity, z0).x1
 
     # Shards of another teacher or solver would pass the pair generator's own checks of seed and shape.
-    pairs_key = stage_key(args, PAIR_SETTINGS, teacher_key)
+    pairs_key = keys["pairs"]
     pairs_key_path = output / "pairs_key.json"
     if (output / "pairs").exists() and not stored_matches(pairs_key_path, pairs_key, "the reflow pairs"):
         shutil.rmtree(output / "pairs")
@@ -431,7 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for arm, annealing, flow_guided in arm_stages:
         model_path = output / f"{arm}_student.pt"
         record_path = output / f"{arm}.json"
-        student_key = {**stage_key(args, STUDENT_SETTINGS, pairs_key), "arm": arm}
+        student_key = {**keys["students"], "arm": arm}
         if model_path.is_file() and stored_matches(record_path, student_key, f"the {arm} student"):
             student = build_unet(args.student_width)
             student.load_state_dict(torch.load(model_path, weights_only=True))
@@ -494,13 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "best_steps": int(best_steps),
             "rk45": teacher_rk45,
         },
-        "slimflow": {"fd_one_step": student_fds["slimflow"], **arms["slimflow"]["record"]},
-        "baseline": {"fd_one_step": student_fds["baseline"], **arms["baseline"]["record"]},
-        **(
-            {"annealing_plain": {"fd_one_step": student_fds["annealing_plain"], **arms["annealing_plain"]["record"]}}
-            if "annealing_plain" in arms
-            else {}
-        ),
+        **{arm: {"fd_one_step": student_fds[arm], **entry["record"]} for arm, entry in arms.items()},
         "data_floor_fd": data_floor["fd"],
         "images_per_second": speed,
         "threads": args.threads,

@@ -110,9 +110,8 @@ def planned_configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     """List every configuration to measure, the time-shift arms next to their plain arm."""
     plans = []
     for steps in args.steps:
-        placements = PLACEMENTS if steps in args.placement_steps else (args.placement,)
-        # The main placement first, the others after it.
-        placements = [args.placement] + [placement for placement in placements if placement != args.placement]
+        others = [placement for placement in PLACEMENTS if placement != args.placement]
+        placements = [args.placement, *others] if steps in args.placement_steps else [args.placement]
         for seed in args.seeds:
             for sampler in args.samplers:
                 plans.append({"sampler": sampler, "steps": steps, "window": 0, "placement": None, "seed": seed})
@@ -139,7 +138,7 @@ def output_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_output_settings(args: argparse.Namespace) -> None:
-    """Record the shared settings in ``--output``; exit if its results were measured with other ones."""
+    """Record the shared settings in ``--output``, and exit if its results were measured with different ones."""
     path = args.output / SETTINGS_FILE
     settings = output_settings(args)
     if path.is_file():
@@ -147,7 +146,7 @@ def check_output_settings(args: argparse.Namespace) -> None:
         changed = sorted(name for name in settings if stored.get(name) != settings[name])
         if changed:
             raise SystemExit(
-                f"{args.output} holds results measured with other {', '.join(changed)} "
+                f"{args.output} contains results measured with a different {', '.join(changed)} "
                 f"({', '.join(f'{name}={stored.get(name)!r}' for name in changed)}); pass a new --output"
             )
         return
@@ -243,31 +242,37 @@ def data_variance(images: np.ndarray) -> float:
 def trace_variance(
     denoiser: Any, settings: SamplerSettings, image_variance: float, num_samples: int, seed: int
 ) -> list[dict[str, float]]:
-    """Sample once; before each step, and after the last, record the samples' mean variance and the data's.
+    """Sample once and record the samples' mean variance before each step and after the last, with the data's.
 
     The data's variance at timestep ``t`` is ``alphabar_t * v + 1 - alphabar_t``, the expected
     variance of a training image noised to ``t``, with ``v`` the images' mean variance.
     """
+    sample_variances = []
+
+    def recording_net(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sample_variances.append(float(x.flatten(1).var(dim=1).mean()))
+        return denoiser.net(x, timesteps)
+
     sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
-    sampler.set_timesteps(settings.num_steps, settings.spacing)
-    x = torch.randn((num_samples, *denoiser.image_shape), generator=torch.Generator().manual_seed(seed))
+    shape = (num_samples, *denoiser.image_shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     step_generator = torch.Generator().manual_seed(derive_seed(STEP_NOISE_STREAM, seed, 0))
     denoiser.net.eval()
+    output = sampler.sample(
+        recording_net, shape, settings.num_steps, settings.spacing, generator=step_generator, noise=noise
+    )
+    sample_variances.append(float(output.samples.flatten(1).var(dim=1).mean()))
 
     rows = []
-    for timestep in [*sampler.timesteps.tolist(), -1]:
+    for timestep, sample_variance in zip([*sampler.timesteps.tolist(), -1], sample_variances, strict=True):
         alphabar = float(sampler.alphabar[timestep]) if timestep >= 0 else 1.0
         rows.append(
             {
                 "timestep": timestep,
-                "sample_variance": float(x.flatten(1).var(dim=1).mean()),
+                "sample_variance": sample_variance,
                 "data_variance": alphabar * image_variance + 1.0 - alphabar,
             }
         )
-        if timestep >= 0:
-            model_timesteps = sampler.model_timesteps(x, timestep)
-            output = denoiser.net(x, model_timesteps)
-            x = sampler.step(output, model_timesteps, x, generator=step_generator)
     return rows
 
 

@@ -202,9 +202,7 @@ def test_slimflow_student_key_follows_teacher(slimflow_script):
     longer_teacher = slimflow_script.parse_arguments([*arguments, "--teacher-steps", "4000"])
 
     def student_key(args) -> dict:
-        teacher = slimflow_script.stage_key(args, slimflow_script.TEACHER_SETTINGS)
-        pairs = slimflow_script.stage_key(args, slimflow_script.PAIR_SETTINGS, teacher)
-        return slimflow_script.stage_key(args, slimflow_script.STUDENT_SETTINGS, pairs)
+        return slimflow_script.stage_keys(args)["students"]
 
     assert student_key(base) == student_key(slimflow_script.parse_arguments(arguments))
     assert student_key(base) != student_key(longer_teacher)
@@ -230,7 +228,7 @@ def test_time_shift_output_rejects_other_settings(time_shift_script, tmp_path):
     time_shift_script.check_output_settings(args)
 
     args.cutoff = 200
-    with pytest.raises(SystemExit, match="other cutoff"):
+    with pytest.raises(SystemExit, match="different cutoff"):
         time_shift_script.check_output_settings(args)
 
 

@@ -98,7 +98,7 @@ class Sampler(ABC):
     - ``"sample"`` (the default): the model is evaluated at ``t_s`` (:meth:`model_timesteps`),
       and the update converts its output to x0 and epsilon with ``alphabar[t_s]`` and moves
       from ``alphabar[t_s]`` to ``alphabar`` of the next scheduled timestep ``s``.
-    - ``"time_input"``: the model is evaluated at ``t_s``; the update keeps ``alphabar[t]``.
+    - ``"time_input"``: the model is evaluated at ``t_s``, and the update keeps ``alphabar[t]``.
     - ``"end_point"``: the model is evaluated at ``t``, and the update moves from
       ``alphabar[t]`` to ``alphabar[s + t_s - t]``. The next step starts from ``s`` as
       scheduled, so the shift changes how much noise the update removes. The last step,
