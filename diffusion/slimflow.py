@@ -223,11 +223,22 @@ def flow_guidance_loss(
     t = torch.full((noise.shape[0],), eps, device=noise.device)
     student_velocity = student(noise, t)
     prediction = noise + student_velocity
-    with torch.no_grad():
-        times = t_prime.to(noise.device, noise.dtype).view(-1, *([1] * (noise.ndim - 1)))
-        x_t = noise + times * student_velocity.detach()
-        target = x_t + (1.0 - times) * guide(x_t, t_prime.to(noise.device))
+    target = flow_guidance_target(guide, noise, student_velocity.detach(), t_prime)
     return distance(prediction, target)
+
+
+@torch.no_grad()
+def flow_guidance_target(
+    guide: VelocityField, noise: torch.Tensor, student_velocity: torch.Tensor, t_prime: torch.Tensor
+) -> torch.Tensor:
+    """Return term 2's target: step the student's line to ``t'``, then one guide Euler step to t = 1.
+
+    ``noise`` and ``student_velocity`` have shape ``(B, C, H, W)``, ``t_prime`` shape ``(B,)``;
+    the result has the shape of ``noise``.
+    """
+    times = t_prime.to(noise.device, noise.dtype).view(-1, *([1] * (noise.ndim - 1)))
+    x_t = noise + times * student_velocity
+    return x_t + (1.0 - times) * guide(x_t, t_prime.to(noise.device))
 
 
 def sample_t_prime(batch_size: int, low: float, high: float, generator: torch.Generator | None = None) -> torch.Tensor:

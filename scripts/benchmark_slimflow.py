@@ -21,6 +21,10 @@ All arms see the same pairs, batch size, learning rate and step counts. Then it 
 the one-step Frechet distance of both students and of the teacher (Euler with each of
 ``--teacher-step-counts``, and RK45 at ``--teacher-rk45-tolerance``), and the images per
 second of the one-step student against the teacher's best Euler setting and its RK45 solve.
+It also measures what the SlimFlow student's distillation pulls towards: the distance of
+term 1's targets (the teacher's pairs) and of term 2's (one student step to t', then one
+guide step), with the guide as the student at the start and the distilled student at
+the end.
 
 The distance is FD-ResNet20: the Frechet distance in the penultimate features of a
 CIFAR-10 ResNet-20 (``--feature-checkpoint``), between ``--num-samples`` samples and the
@@ -61,6 +65,7 @@ from diffusion.frechet import (  # noqa: E402
     reference_statistics,
 )
 from diffusion.rectified_flow import (  # noqa: E402
+    T_EPSILON,
     euler_sample,
     network_velocity,
     rectified_flow_loss,
@@ -73,6 +78,7 @@ from diffusion.slimflow import (  # noqa: E402
     annealing_beta,
     describe_distance,
     flow_guidance_loss,
+    flow_guidance_target,
     joint_horizontal_flip,
     make_distance,
     paired_distillation_loss,
@@ -252,6 +258,22 @@ def generate(net: nn.Module, num_samples: int, num_steps: int, args: argparse.Na
     )
     velocity = network_velocity(net.eval())
     batches = [euler_sample(velocity, noise[i : i + 250], num_steps) for i in range(0, num_samples, 250)]
+    return torch.cat(batches).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def guidance_targets(student: nn.Module, guide: nn.Module, num_samples: int, args: argparse.Namespace) -> torch.Tensor:
+    """Return term 2's targets in [-1, 1] for the evaluation noise, with t' ~ U(0.2, 0.8) from a fixed seed."""
+    noise = torch.randn(
+        (num_samples, 3, args.resolution, args.resolution), generator=torch.Generator().manual_seed(12345)
+    )
+    t_prime = sample_t_prime(num_samples, 0.2, 0.8, torch.Generator().manual_seed(12346))
+    student_velocity, guide_velocity = network_velocity(student.eval()), network_velocity(guide.eval())
+    batches = []
+    for start in range(0, num_samples, 250):
+        z0 = noise[start : start + 250]
+        velocity = student_velocity(z0, torch.full((len(z0),), T_EPSILON))
+        batches.append(flow_guidance_target(guide_velocity, z0, velocity, t_prime[start : start + 250]))
     return torch.cat(batches).clamp(-1.0, 1.0)
 
 
@@ -450,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             arms[arm] = {"net": student.eval(), "record": json.loads(record_path.read_text())["record"]}
             continue
         reflow_model, reflow_record = train_reflow(pairs, args, annealing=annealing)
+        torch.save(reflow_model.state_dict(), output / f"{arm}_reflow.pt")
         student, distill_record = train_distillation(reflow_model, pairs, args, flow_guided=flow_guided)
         record = {"reflow": reflow_record, "distillation": distill_record}
         record["fd_reflow_one_step"] = fd_of(generate(reflow_model, args.num_samples, 1, args))
@@ -477,6 +500,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rk45_key = stage_key(args, (*EVALUATION_SETTINGS, "teacher_rk45_tolerance"), teacher_key)
         teacher_rk45 = cached(rk45_path, teacher_rk45_fd, rk45_key)
     student_fds = {arm: fd_of(generate(entry["net"], args.num_samples, 1, args)) for arm, entry in arms.items()}
+
+    # What each distillation term pulls the SlimFlow student towards, measured like the samples.
+    def target_fds() -> dict[str, Any]:
+        guide = build_unet(args.student_width)
+        guide.load_state_dict(torch.load(output / "slimflow_reflow.pt", weights_only=True))
+        guide.eval()
+        return {
+            "term1_pairs": fd_of(pairs.x1[: args.num_samples].clamp(-1.0, 1.0)),
+            "term2_at_start": fd_of(guidance_targets(guide, guide, args.num_samples, args)),
+            "term2_at_end": fd_of(guidance_targets(arms["slimflow"]["net"], guide, args.num_samples, args)),
+            "guide_euler_2_steps": fd_of(generate(guide, args.num_samples, 2, args)),
+        }
+
+    target_key = {**keys["students"], "arm": "slimflow", **stage_key(args, EVALUATION_SETTINGS)}
+    targets = None
+    if (output / "slimflow_reflow.pt").is_file():
+        targets = cached(output / "distillation_targets.json", target_fds, target_key)
+    else:
+        log.info("no slimflow_reflow.pt in %s (a run from before it was saved): distillation targets skipped", output)
     best_steps = min(teacher_fds, key=lambda steps: teacher_fds[steps])
 
     speed = {
@@ -507,6 +549,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rk45": teacher_rk45,
         },
         **{arm: {"fd_one_step": student_fds[arm], **entry["record"]} for arm, entry in arms.items()},
+        "distillation_target_fds": targets,
         "data_floor_fd": data_floor["fd"],
         "images_per_second": speed,
         "threads": args.threads,
@@ -557,6 +600,16 @@ def format_markdown(results: dict[str, Any]) -> str:
         f"{results['baseline']['fd_reflow_one_step']:.2f} |"
     )
     lines.append(f"| training images (data floor at this sample count) | - | - | {results['data_floor_fd']:.2f} |")
+    targets = results.get("distillation_target_fds")
+    if targets:
+        lines += [
+            "",
+            "What the SlimFlow distillation pulls towards (FD-ResNet20 of each term's targets):",
+            f"term 1, the teacher's pairs {targets['term1_pairs']:.2f}; "
+            f"term 2 with the guide, at the start {targets['term2_at_start']:.2f} "
+            f"and at the end {targets['term2_at_end']:.2f}; "
+            f"the guide alone with 2 Euler steps {targets['guide_euler_2_steps']:.2f}.",
+        ]
     lines.append("")
     speed = results["images_per_second"]
     lines.append(

@@ -169,6 +169,45 @@ def test_slimflow_report_lists_ablation_arm(slimflow_script):
     assert "| baseline student (plain reflow + one-step distillation) | 267,891 | 1 | 2.06 |" in without_ablation
 
 
+def test_slimflow_report_gives_distillation_targets(slimflow_script):
+    results = slimflow_results(ablation=False)
+    assert "What the SlimFlow distillation pulls towards" not in slimflow_script.format_markdown(results)
+
+    results["distillation_target_fds"] = {
+        "term1_pairs": 1.68,
+        "term2_at_start": 2.51,
+        "term2_at_end": 2.44,
+        "guide_euler_2_steps": 2.9,
+    }
+    report = slimflow_script.format_markdown(results)
+    assert "term 1, the teacher's pairs 1.68; term 2 with the guide, at the start 2.51 and at the end 2.44" in report
+
+
+class ConstantVelocity(nn.Module):
+    """A velocity network that returns ``value`` everywhere, whatever the input and time."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.value)
+
+
+def test_slimflow_guidance_targets_use_the_evaluation_noise(slimflow_script):
+    args = argparse.Namespace(resolution=4)
+    targets = slimflow_script.guidance_targets(ConstantVelocity(0.0), ConstantVelocity(1.0), 300, args)
+
+    # A still student leaves x_t' at the noise; the guide then adds (1 - t') with t' in [0.2, 0.8].
+    noise = torch.randn((300, 3, 4, 4), generator=torch.Generator().manual_seed(12345))
+    step = targets - noise.clamp(-1.0, 1.0)
+    unclamped = noise.abs() < 0.2
+    assert targets.shape == (300, 3, 4, 4)
+    assert step[unclamped].min() >= 0.2 - 1e-6 and step[unclamped].max() <= 0.8 + 1e-6
+    per_image = step.flatten(1)[:, 0][unclamped.flatten(1)[:, 0]]
+    assert per_image.std() > 0.1  # t' differs between images
+
+
 def test_slimflow_ablation_flag(slimflow_script):
     arguments = ["--feature-checkpoint", "resnet20.ckpt"]
     assert slimflow_script.parse_arguments(arguments).ablation is False

@@ -27,6 +27,7 @@ from diffusion.slimflow import (
     anneal_noise,
     annealing_beta,
     flow_guidance_loss,
+    flow_guidance_target,
     joint_horizontal_flip,
     l2_distance,
     make_distance,
@@ -293,6 +294,18 @@ def test_guided_term_by_hand() -> None:
     expected_grad_a = (2 * (prediction - target) * noise).mean()
     torch.testing.assert_close(student.a.grad, expected_grad_a)
     assert guide.a.grad is None
+
+
+def test_guidance_target_by_hand() -> None:
+    guide = AffineVelocity(-1.0, 3.0)
+    noise = torch.tensor([[1.0, 2.0], [-1.0, 0.0]])
+    student_velocity = torch.tensor([[0.5, -0.5], [2.0, 1.0]])
+    t_prime = torch.tensor([0.25, 0.5])
+    target = flow_guidance_target(network_velocity(guide), noise, student_velocity, t_prime)
+
+    x_t = noise + t_prime[:, None] * student_velocity
+    expected = x_t + (1 - t_prime[:, None]) * (-1.0 * x_t + 3.0 * t_prime[:, None])
+    torch.testing.assert_close(target, expected)
 
 
 def test_pseudo_huber_by_hand() -> None:
