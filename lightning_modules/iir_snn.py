@@ -259,6 +259,7 @@ class IIRSNNPipeline(Pipeline):
             energy_per_mac_pj=self.energy_per_mac_pj,
             energy_per_accumulate_pj=self.energy_per_accumulate_pj,
             statistics_batches=snn_options.statistics_batches,
+            neuron_lr_scale=snn_options.get("neuron_lr_scale", 1.0),
         )
 
     def _check_convertible(self, net: nn.Module) -> None:

@@ -38,10 +38,14 @@ def build_scheduler(
     min_lr_factor: float = 0.0,
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
+    milestone_fractions: Sequence[float] = (),
 ) -> LambdaLR | None:
-    """Build a per-step schedule: ``"cosine"``, ``"multistep"`` (milestones in epochs) or ``"constant"``.
+    """Build a per-step schedule: ``"cosine"``, ``"multistep"`` or ``"constant"``.
 
-    Returns None for ``"none"``, which leaves the optimizer's learning rate untouched.
+    A multistep schedule takes its milestones either in epochs (``milestones``) or as
+    fractions of the whole run (``milestone_fractions``, each in (0, 1]), which stay right
+    when the number of epochs changes. Returns None for ``"none"``, which leaves the
+    optimizer's learning rate untouched.
     """
     warmup_steps = round(warmup_epochs * steps_per_epoch)
 
@@ -52,9 +56,26 @@ def build_scheduler(
     if name == "cosine":
         return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_factor))
     if name == "multistep":
-        milestone_steps = [round(epoch * steps_per_epoch) for epoch in milestones]
+        milestone_steps = multistep_milestone_steps(milestones, milestone_fractions, steps_per_epoch, total_steps)
         return LambdaLR(optimizer, lambda step: warmup_multistep_factor(step, warmup_steps, milestone_steps, gamma))
     raise ValueError(
         f"unknown learning-rate schedule {name!r}; set module.scheduler.name to one of "
         "cosine, multistep, constant, none"
     )
+
+
+def multistep_milestone_steps(
+    milestones: Sequence[float], milestone_fractions: Sequence[float], steps_per_epoch: int, total_steps: int
+) -> list[int]:
+    """Return the optimizer steps of the milestones, given in epochs or as fractions of ``total_steps``."""
+    if milestones and milestone_fractions:
+        raise ValueError(
+            f"a multistep schedule got milestones {list(milestones)} (epochs) and milestone_fractions "
+            f"{list(milestone_fractions)}; set one of them and leave the other empty"
+        )
+    invalid = [fraction for fraction in milestone_fractions if not 0.0 < fraction <= 1.0]
+    if invalid:
+        raise ValueError(f"milestone_fractions must lie in (0, 1], got {invalid}")
+    if milestone_fractions:
+        return [round(fraction * total_steps) for fraction in milestone_fractions]
+    return [round(epoch * steps_per_epoch) for epoch in milestones]

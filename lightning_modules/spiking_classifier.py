@@ -70,6 +70,9 @@ class SpikingClassifierModule(L.LightningModule):
         energy_per_mac_pj, energy_per_accumulate_pj: constants of the energy estimate.
         statistics_batches: test batches on which spikes are counted after each test. None
             counts on all batches that the test ran.
+        neuron_lr_scale: the thresholds' and leaks' learning rate as a multiple of the
+            weights'. Adam moves a scalar by at most about its learning rate per step, so
+            a short run needs a larger scale for the thresholds to adapt to a new T.
     """
 
     def __init__(
@@ -81,16 +84,22 @@ class SpikingClassifierModule(L.LightningModule):
         energy_per_mac_pj: float = ENERGY_PER_MAC_PJ,
         energy_per_accumulate_pj: float = ENERGY_PER_ACCUMULATE_PJ,
         statistics_batches: int | None = None,
+        neuron_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if statistics_batches is not None and statistics_batches < 1:
             raise ValueError(f"statistics_batches must be >= 1 or None (all test batches), got {statistics_batches}")
+        if neuron_lr_scale <= 0:
+            raise ValueError(
+                f"neuron_lr_scale must be > 0 (1 trains thresholds and leaks like weights), got {neuron_lr_scale}"
+            )
         self.network = network
         self.optimizer_factory = optimizer
         self.scheduler_options = dict(scheduler)
         self.energy_per_mac_pj = energy_per_mac_pj
         self.energy_per_accumulate_pj = energy_per_accumulate_pj
         self.statistics_batches = statistics_batches
+        self.neuron_lr_scale = neuron_lr_scale
         self.spike_statistics: SpikeStatistics | None = None
 
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -165,7 +174,20 @@ class SpikingClassifierModule(L.LightningModule):
         return FirstLayerMultiplies(self.network), example_input_of(self)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory([{"params": [p for p in self.parameters() if p.requires_grad]}])
+        neuron_parameters = [
+            parameter
+            for _, node in spiking_neurons(self.network)
+            for parameter in (node.threshold, node.leak)
+            if parameter.requires_grad
+        ]
+        neuron_ids = {id(parameter) for parameter in neuron_parameters}
+        weights = [p for p in self.parameters() if p.requires_grad and id(p) not in neuron_ids]
+        optimizer = self.optimizer_factory([{"params": weights}])
+        if neuron_parameters:
+            optimizer.add_param_group({"params": neuron_parameters})
+
+            # Scaled before the scheduler is built, so that it records the scaled rate as the group's initial one.
+            optimizer.param_groups[1]["lr"] *= self.neuron_lr_scale
         register_leak_clamp(optimizer, self.network)
         return scheduled_optimizer(self.trainer, optimizer, self.scheduler_options)
 

@@ -36,6 +36,37 @@ def test_multistep_milestones_are_epochs() -> None:
     assert math.isclose(optimizer.param_groups[0]["lr"], 0.1)
 
 
+def test_multistep_milestone_fractions_of_run() -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(
+        optimizer, "multistep", total_steps=200, steps_per_epoch=10, milestone_fractions=[0.5, 0.75], gamma=0.5
+    )
+    rates = []
+    for _ in range(200):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[99] == 1.0
+    assert rates[100] == 0.5
+    assert rates[149] == 0.5
+    assert rates[150] == 0.25
+
+
+def test_multistep_rejects_both_milestone_kinds() -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ValueError, match="set one of them"):
+        build_scheduler(
+            optimizer, "multistep", total_steps=100, steps_per_epoch=10, milestones=[5], milestone_fractions=[0.5]
+        )
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -0.2])
+def test_multistep_rejects_fraction_outside_run(fraction: float) -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        build_scheduler(optimizer, "multistep", total_steps=100, steps_per_epoch=10, milestone_fractions=[fraction])
+
+
 def test_unknown_schedule_names_choices() -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     with pytest.raises(ValueError, match="cosine, multistep, constant, none"):

@@ -1,6 +1,8 @@
 """Spiking networks: the IIR-SNN neuron, VGG conversion, the network wrapper and spike statistics."""
 
 import copy
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from spikingjelly.activation_based import layer
 
 from lightning_modules.callbacks.energy import estimate_inference_energy, operation_counts_of
 from lightning_modules.callbacks.flops import count_forward_cost
+from lightning_modules.spiking_classifier import SpikingClassifierModule
 from models import create_model
 from models.vgg import CifarVGG
 from snn import (
@@ -248,6 +251,35 @@ def test_leak_clamp_after_optimizer_step() -> None:
         optimizer.step()
     assert [node.leak.item() for _, node in spiking_neurons(unclamped)] == [1.5, 1.5]
     assert [node.leak.item() for _, node in spiking_neurons(network)] == [1.0, 1.0]
+
+
+def test_neuron_lr_scale_keeps_ratio_under_schedule() -> None:
+    network = _two_layer_network()
+    scheduler = {"name": "multistep", "milestone_fractions": [0.5], "gamma": 0.2}
+    module = SpikingClassifierModule(
+        network, partial(torch.optim.Adam, lr=1e-4), scheduler, num_classes=3, neuron_lr_scale=10.0
+    )
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1)
+    configured = module.configure_optimizers()
+    optimizer, lr_scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+
+    weight_group, neuron_group = optimizer.param_groups
+    neuron_parameters = {id(p) for _, node in spiking_neurons(network) for p in (node.threshold, node.leak)}
+    assert {id(p) for p in neuron_group["params"]} == neuron_parameters
+    assert neuron_parameters.isdisjoint(id(p) for p in weight_group["params"])
+    assert len(weight_group["params"]) + len(neuron_group["params"]) == len(list(network.parameters()))
+    assert neuron_group["lr"] == pytest.approx(1e-3)
+
+    for _ in range(5):
+        optimizer.step()
+        lr_scheduler.step()
+    assert weight_group["lr"] == pytest.approx(2e-5)
+    assert neuron_group["lr"] == pytest.approx(2e-4)
+
+
+def test_neuron_lr_scale_rejects_zero() -> None:
+    with pytest.raises(ValueError, match="neuron_lr_scale must be > 0"):
+        SpikingClassifierModule(_two_layer_network(), partial(torch.optim.Adam), {"name": "none"}, 3, neuron_lr_scale=0)
 
 
 def test_rate_gated_pool_passes_max_rate() -> None:
