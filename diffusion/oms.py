@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffusion.prediction import predict_x0, prediction_target
-from models.unet import group_norm
+from models.unet import MIN_GROUP_CHANNELS, group_norm
 
 # The OMS step treats its input as the last timestep of a zero-terminal-SNR schedule: pure noise.
 OMS_ALPHABAR = 0.0
@@ -189,11 +189,13 @@ class ConditionedBlock(nn.Module):
     because a per-channel constant is then exactly the mean that the normalisation removes.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, embedding_dim: int, min_group_channels: int = MIN_GROUP_CHANNELS
+    ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, min_group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, min_group_channels)
         self.modulation = nn.Linear(embedding_dim, 2 * out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # A zero second convolution makes each fresh block the identity (or its skip projection).
@@ -229,6 +231,8 @@ class OMSNetwork(nn.Module):
         num_res_blocks: residual blocks per level.
         num_conditions: classes or brightness bins of the condition, 0 for an unconditional module.
         embedding_dim: size of the condition embedding; None for ``4 * base_channels``.
+        min_group_channels: channels per GroupNorm group at the least (see
+            :func:`models.unet.group_norm`); checkpoints that do not record it are rebuilt with 1.
 
     Inputs must have a height and width divisible by ``2 ** (len(channel_multipliers) - 1)``.
     """
@@ -241,6 +245,7 @@ class OMSNetwork(nn.Module):
         num_res_blocks: int = 1,
         num_conditions: int = 0,
         embedding_dim: int | None = None,
+        min_group_channels: int = MIN_GROUP_CHANNELS,
     ) -> None:
         super().__init__()
         channel_multipliers = tuple(int(multiplier) for multiplier in channel_multipliers)
@@ -263,6 +268,7 @@ class OMSNetwork(nn.Module):
             "num_res_blocks": num_res_blocks,
             "num_conditions": num_conditions,
             "embedding_dim": embedding_dim,
+            "min_group_channels": min_group_channels,
         }
         self.in_channels = in_channels
         self.num_conditions = num_conditions
@@ -276,7 +282,9 @@ class OMSNetwork(nn.Module):
         for multiplier in channel_multipliers:
             level_blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
-                level_blocks.append(ConditionedBlock(channels, base_channels * multiplier, embedding_dim))
+                level_blocks.append(
+                    ConditionedBlock(channels, base_channels * multiplier, embedding_dim, min_group_channels)
+                )
                 channels = base_channels * multiplier
             self.down_blocks.append(level_blocks)
             skip_channels.append(channels)
@@ -284,10 +292,11 @@ class OMSNetwork(nn.Module):
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(self.num_levels)):
             level_channels = base_channels * channel_multipliers[level]
-            self.up_blocks.append(ConditionedBlock(channels + skip_channels[level], level_channels, embedding_dim))
+            block = ConditionedBlock(channels + skip_channels[level], level_channels, embedding_dim, min_group_channels)
+            self.up_blocks.append(block)
             channels = level_channels
 
-        self.output_norm = group_norm(channels)
+        self.output_norm = group_norm(channels, min_group_channels)
         self.output_conv = nn.Conv2d(channels, in_channels, 3, padding=1)
         # A zero output layer makes the untrained module predict x0_hat = 0, the middle of [-1, 1].
         nn.init.zeros_(self.output_conv.weight)
@@ -475,7 +484,8 @@ def load_oms(checkpoint_path: str | Path, use_ema: bool = True) -> LoadedOMS:
     if not state:
         raise ValueError(f"{checkpoint_path} has no OMS weights under {prefix!r}")
 
-    network = OMSNetwork(**metadata["network"])
+    # Checkpoints from before the GroupNorm minimum had one channel per group at 32 channels or fewer.
+    network = OMSNetwork(**{"min_group_channels": 1, **metadata["network"]})
     network.load_state_dict(state)
     network.eval()
     bins = metadata.get("brightness_bins")

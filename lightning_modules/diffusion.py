@@ -50,6 +50,7 @@ from lightning_modules.classifier import OptimizerFactory, scheduled_optimizer
 from lightning_modules.image_data import ImageDataMixin, image_metadata
 from lightning_modules.seeds import STEP_NOISE_STREAM, derive_seed
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
+from models.unet import spec_for_rebuild, spec_with_norm_rule
 
 log = logging.getLogger(__name__)
 
@@ -628,7 +629,7 @@ class DDPMModule(ImageDataMixin, LightningModule):
         if spec is None:
             log.warning("the network was not built by models.create_model; sample.py cannot rebuild it")
         return {
-            "model_spec": to_plain(spec),
+            "model_spec": to_plain(spec_with_norm_rule(spec, self.net)),
             "noise_schedule": self.noise_schedule,
             "prediction_type": self.prediction_type,
             "class_conditional": self.class_conditional,
@@ -722,7 +723,7 @@ def load_denoiser(checkpoint_path: str | Path, use_ema: bool = True) -> LoadedDe
     if not state:
         raise ValueError(f"{checkpoint_path} has no weights under {prefix!r}")
 
-    spec = dict(metadata["model_spec"])
+    spec = spec_for_rebuild(dict(metadata["model_spec"]))
     net = create_model(spec.pop("name"), spec.pop("in_channels"), spec.pop("num_classes"), **spec)
     net.load_state_dict(state)
     net.eval()

@@ -47,6 +47,7 @@ from lightning_modules.classifier import OptimizerFactory
 from lightning_modules.diffusion import EMA, NetworkEvaluation, save_grid, to_plain, to_uint8
 from lightning_modules.image_data import ImageDataMixin, image_metadata
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
+from models.unet import spec_for_rebuild, spec_with_norm_rule
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class FlowModuleBase(ImageDataMixin, LightningModule):
     def checkpoint_metadata(self) -> dict[str, Any]:
         """Return what :func:`load_flow_model` needs to rebuild the network, as plain Python values."""
         return {
-            "model_spec": to_plain(getattr(self.net, MODEL_SPEC_ATTRIBUTE, None)),
+            "model_spec": to_plain(spec_with_norm_rule(getattr(self.net, MODEL_SPEC_ATTRIBUTE, None), self.net)),
             **image_metadata(self.image_data),
             "role": self.role,
             "t_epsilon": T_EPSILON,
@@ -449,7 +450,7 @@ def load_flow_model(path: str | Path, use_ema: bool = True) -> LoadedFlow:
     state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
     if not state:
         raise ValueError(f"{path} has no weights under {prefix!r}")
-    spec = dict(metadata["model_spec"])
+    spec = spec_for_rebuild(dict(metadata["model_spec"]))
     net = create_model(spec.pop("name"), spec.pop("in_channels"), spec.pop("num_classes"), **spec)
     net.load_state_dict(state)
     return LoadedFlow(net=net.eval(), image_shape=tuple(metadata["image_shape"]), metadata=metadata)

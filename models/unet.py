@@ -38,14 +38,18 @@ NOTE: attention at 16x16 and residual resampling are DDPM++'s CIFAR-10 choices. 
 not compared with SlimFlow's code, only the parameter counts were.
 """
 
+import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.registry import register_model
+
+log = logging.getLogger(__name__)
 
 RESAMPLE_MODES: tuple[str, ...] = ("resblock", "conv")
 
@@ -67,9 +71,25 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return embedding
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or fewer where ``channels`` is small or not a multiple of 32."""
+# Channels per GroupNorm group at the least. With one channel a group is an instance norm,
+# which removes each channel's spatial mean, so a norm before the output convolution leaves
+# the prediction almost blind to an image's mean brightness and colour. NCSN++ uses
+# min(channels // 4, 32) groups, so at least 4 channels in each.
+MIN_GROUP_CHANNELS = 4
+
+
+def group_norm(channels: int, min_group_channels: int = MIN_GROUP_CHANNELS) -> nn.GroupNorm:
+    """Return a GroupNorm with up to 32 groups (DDPM's number) of at least ``min_group_channels`` channels.
+
+    The number of groups is the largest power of two that divides both 32 and ``channels``
+    and leaves ``min_group_channels`` channels in each group. ``min_group_channels=1``
+    gives ``gcd(32, channels)`` groups, this model's rule before the minimum existed.
+    """
+    if min_group_channels < 1:
+        raise ValueError(f"min_group_channels must be >= 1, got {min_group_channels}")
     groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < min_group_channels:
+        groups //= 2
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -89,15 +109,16 @@ class ResidualBlock(nn.Module):
         embedding_dim: int,
         dropout: float,
         resample: str | None = None,
+        min_group_channels: int = MIN_GROUP_CHANNELS,
     ) -> None:
         super().__init__()
         if resample not in (None, "down", "up"):
             raise ValueError(f"resample must be None, 'down' or 'up', got {resample!r}")
         self.resample = resample
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, min_group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.embedding_projection = nn.Linear(embedding_dim, out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, min_group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
@@ -117,7 +138,7 @@ class ResidualBlock(nn.Module):
         hidden = self.conv1(self._resample(hidden))
         # The embedding shifts the normalised activations. Added before norm2, as in the original DDPM,
         # a per-channel shift would be subtracted again by the norm wherever a group has one channel
-        # (group_norm of 32 channels or fewer), so the output would not depend on the timestep.
+        # (min_group_channels=1 at 32 channels or fewer), so the output would not depend on the timestep.
         hidden = self.norm2(hidden) + self.embedding_projection(F.silu(embedding))[:, :, None, None]
         hidden = self.conv2(self.dropout(F.silu(hidden)))
         return self.skip(self._resample(x)) + hidden
@@ -129,9 +150,9 @@ class SelfAttention(nn.Module):
     The output projection starts at zero, so the block starts as the identity.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, min_group_channels: int = MIN_GROUP_CHANNELS) -> None:
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, min_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.projection = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.projection.weight)
@@ -189,6 +210,8 @@ class UNet(nn.Module):
             for unlabelled inputs and classifier-free guidance.
         resample: ``"resblock"`` (DDPM++, BigGAN-style residual blocks) or ``"conv"`` (DDPM).
         middle_attention: put self-attention between the two middle residual blocks.
+        min_group_channels: channels per GroupNorm group at the least (see :func:`group_norm`).
+            4 is the default; 1 rebuilds checkpoints written before the option existed.
 
     Inputs must have a height and width divisible by ``2 ** (len(channel_multipliers) - 1)``.
     """
@@ -204,6 +227,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         resample: str = "resblock",
         middle_attention: bool = True,
+        min_group_channels: int = MIN_GROUP_CHANNELS,
     ) -> None:
         super().__init__()
         channel_multipliers = tuple(int(multiplier) for multiplier in channel_multipliers)
@@ -219,6 +243,7 @@ class UNet(nn.Module):
         self.channel_multipliers = channel_multipliers
         self.num_levels = len(channel_multipliers)
         self.num_classes = num_classes
+        self.min_group_channels = min_group_channels
 
         embedding_dim = 4 * base_channels
         self.time_embedding = nn.Sequential(
@@ -227,7 +252,7 @@ class UNet(nn.Module):
         self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes is not None else None
 
         def make_block(block_in: int, block_out: int, direction: str | None = None) -> ResidualBlock:
-            return ResidualBlock(block_in, block_out, embedding_dim, dropout, resample=direction)
+            return ResidualBlock(block_in, block_out, embedding_dim, dropout, direction, min_group_channels)
 
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
@@ -240,7 +265,7 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks):
                 layer = [make_block(channels, level_channels)]
                 if level in attention_levels:
-                    layer.append(SelfAttention(level_channels))
+                    layer.append(SelfAttention(level_channels, min_group_channels))
                 self.down_layers.append(nn.ModuleList(layer))
                 channels = level_channels
                 skip_channels.append(channels)
@@ -251,7 +276,7 @@ class UNet(nn.Module):
 
         middle = [make_block(channels, channels)]
         if middle_attention:
-            middle.append(SelfAttention(channels))
+            middle.append(SelfAttention(channels, min_group_channels))
         middle.append(make_block(channels, channels))
         self.middle_layers = nn.ModuleList(middle)
 
@@ -262,14 +287,14 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 layer = [make_block(channels + skip_channels.pop(), level_channels)]
                 if level in attention_levels:
-                    layer.append(SelfAttention(level_channels))
+                    layer.append(SelfAttention(level_channels, min_group_channels))
                 self.up_layers.append(nn.ModuleList(layer))
                 channels = level_channels
             if level != 0:
                 resampler = make_block(channels, channels, "up") if resample == "resblock" else Upsample(channels)
                 self.up_layers.append(nn.ModuleList([resampler]))
 
-        self.output_norm = group_norm(channels)
+        self.output_norm = group_norm(channels, min_group_channels)
         self.output_conv = nn.Conv2d(channels, in_channels, 3, padding=1)
         # A zero output layer makes the untrained model predict 0, the mean of every target.
         nn.init.zeros_(self.output_conv.weight)
@@ -367,6 +392,33 @@ SLIMFLOW_SIZES: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "unet_slimflow_7m": (64, 2, (1, 2, 2)),
     "unet_slimflow_3m": (64, 1, (1, 1, 2)),
 }
+
+
+# Registered names whose factory builds a UNet, for the checkpoint spec helpers below.
+UNET_MODEL_NAMES: set[str] = {"unet", *SLIMFLOW_SIZES}
+
+
+def spec_with_norm_rule(spec: dict[str, Any] | None, net: nn.Module) -> dict[str, Any] | None:
+    """Return ``spec`` with ``net``'s ``min_group_channels`` when ``net`` is a UNet, for its checkpoint.
+
+    A checkpoint that records the rule is rebuilt with it, whatever the default is then.
+    """
+    if spec is None or not isinstance(net, UNet):
+        return spec
+    return {**spec, "min_group_channels": net.min_group_channels}
+
+
+def spec_for_rebuild(spec: dict[str, Any]) -> dict[str, Any]:
+    """Return a checkpoint's model spec, with ``min_group_channels=1`` for a UNet that does not record it.
+
+    Such a checkpoint was written before the minimum existed, when every GroupNorm had
+    ``gcd(32, channels)`` groups. GroupNorm's weights do not depend on the number of
+    groups, so its weights would load into the new default and compute something else.
+    """
+    if spec.get("name") in UNET_MODEL_NAMES and "min_group_channels" not in spec:
+        log.info("the checkpoint's UNet does not record min_group_channels, so it is rebuilt with the old rule (1)")
+        return {**spec, "min_group_channels": 1}
+    return spec
 
 
 @register_model("unet")

@@ -65,6 +65,7 @@ from diffusion.oms_metrics import compare_brightness, per_bin_brightness_error  
 from lightning_modules.data import CIFAR10DataModule  # noqa: E402
 from lightning_modules.diffusion import EMA, SamplerSettings, build_sampler, generate_samples, to_uint8  # noqa: E402
 from models import create_model  # noqa: E402
+from models.unet import MIN_GROUP_CHANNELS  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 BASE_SCHEDULE = {"name": "scaled_linear", "num_train_timesteps": 1000, "zero_terminal_snr": False}
@@ -150,6 +151,7 @@ def base_config(args: argparse.Namespace, data_digest: str) -> dict[str, Any]:
             "attention_levels": [2],
             "dropout": 0.0,
             "resample": "conv",
+            "min_group_channels": MIN_GROUP_CHANNELS,
         },
         "schedule": BASE_SCHEDULE,
         "prediction_type": "epsilon",

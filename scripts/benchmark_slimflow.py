@@ -87,6 +87,7 @@ from diffusion.slimflow import (  # noqa: E402
 from lightning_modules.data import CIFAR10DataModule  # noqa: E402
 from lightning_modules.diffusion import EMA  # noqa: E402
 from models import create_model  # noqa: E402
+from models.unet import MIN_GROUP_CHANNELS  # noqa: E402
 
 log = logging.getLogger("benchmark_slimflow")
 
@@ -127,7 +128,7 @@ def load_cifar10(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, 
 # Networks and training
 
 
-def build_unet(width: int) -> nn.Module:
+def build_unet(width: int, min_group_channels: int) -> nn.Module:
     """Return the benchmark's UNet: multipliers 1,2,2, one block per level, attention only in the middle."""
     return create_model(
         "unet",
@@ -140,6 +141,7 @@ def build_unet(width: int) -> nn.Module:
         dropout=0.0,
         resample="conv",
         middle_attention=True,
+        min_group_channels=min_group_channels,
     )
 
 
@@ -181,7 +183,7 @@ def train_loop(
 
 
 def train_teacher(train: torch.Tensor, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
-    net = build_unet(args.teacher_width)
+    net = build_unet(args.teacher_width, args.min_group_channels)
     generator = torch.Generator().manual_seed(args.seed)
     velocity = network_velocity(net)
 
@@ -202,7 +204,7 @@ def train_reflow(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a student from scratch on the pairs: Annealing Reflow, or plain reflow (beta = 0, no flips)."""
     torch.manual_seed(args.seed + 10)
-    net = build_unet(args.student_width)
+    net = build_unet(args.student_width, args.min_group_channels)
     generator = torch.Generator().manual_seed(args.seed + 11)
     velocity = network_velocity(net)
     anneal_steps = int(args.anneal_fraction * args.reflow_steps) if annealing else 0
@@ -328,6 +330,7 @@ TEACHER_SETTINGS = (
     "warmup_fraction",
     "ema_decay",
     "teacher_steps",
+    "min_group_channels",
 )
 PAIR_SETTINGS = ("num_pairs", "pair_steps")
 STUDENT_SETTINGS = ("student_width", "reflow_steps", "anneal_fraction", "distill_steps", "distance")
@@ -412,7 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher_key = keys["teacher"]
     teacher_path = output / "teacher.pt"
     if teacher_path.is_file() and stored_matches(output / "teacher.json", teacher_key, "the teacher"):
-        teacher = build_unet(args.teacher_width)
+        teacher = build_unet(args.teacher_width, args.min_group_channels)
         teacher.load_state_dict(torch.load(teacher_path, weights_only=True))
         teacher_record = json.loads((output / "teacher.json").read_text())["record"]
     else:
@@ -467,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record_path = output / f"{arm}.json"
         student_key = {**keys["students"], "arm": arm}
         if model_path.is_file() and stored_matches(record_path, student_key, f"the {arm} student"):
-            student = build_unet(args.student_width)
+            student = build_unet(args.student_width, args.min_group_channels)
             student.load_state_dict(torch.load(model_path, weights_only=True))
             arms[arm] = {"net": student.eval(), "record": json.loads(record_path.read_text())["record"]}
             continue
@@ -503,7 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # What each distillation term pulls the SlimFlow student towards, measured like the samples.
     def target_fds() -> dict[str, Any]:
-        guide = build_unet(args.student_width)
+        guide = build_unet(args.student_width, args.min_group_channels)
         guide.load_state_dict(torch.load(output / "slimflow_reflow.pt", weights_only=True))
         guide.eval()
         return {
@@ -631,6 +634,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-subset", type=int, default=10000, help="training images of the teacher")
     parser.add_argument("--teacher-width", type=int, default=32, help="UNet base width of the teacher")
     parser.add_argument("--student-width", type=int, default=16, help="UNet base width of both students")
+    parser.add_argument(
+        "--min-group-channels",
+        type=int,
+        default=MIN_GROUP_CHANNELS,
+        help="channels per GroupNorm group at the least in every UNet (1: the rule of runs before the minimum existed)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of every stage")
     parser.add_argument("--warmup-fraction", type=float, default=0.05, help="linear warm-up, fraction of each stage")

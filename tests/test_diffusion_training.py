@@ -1,6 +1,7 @@
 """The UNet, DDPM training with EMA, and sample.py on a checkpoint, all on the CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,9 +16,17 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from lightning_modules.diffusion import EMA, DDPMModule, SamplerSettings, generate_samples
+from lightning_modules.diffusion import (
+    CHECKPOINT_KEY,
+    EMA,
+    DDPMModule,
+    SamplerSettings,
+    generate_samples,
+    load_denoiser,
+)
 from lightning_modules.training import train
 from models import create_model
+from models.unet import group_norm
 from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
 
 # Parameter counts of the CIFAR-10 UNets as SlimFlow (Zhu et al., ECCV 2024) reports them.
@@ -242,6 +251,61 @@ def tiny_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> Path:
         cfg.paths.output_dir = str(tmp_path / "run")
     train(cfg)
     return tmp_path / "run"
+
+
+def test_checkpoint_records_norm_rule(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    path = tiny_checkpoint / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint[CHECKPOINT_KEY]["model_spec"]["min_group_channels"] == 4
+    assert load_denoiser(path).net.min_group_channels == 4
+
+    # A checkpoint from before the option does not record it, and its UNet had the old rule.
+    del checkpoint[CHECKPOINT_KEY]["model_spec"]["min_group_channels"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert load_denoiser(tmp_path / "old.ckpt").net.min_group_channels == 1
+
+
+@pytest.mark.parametrize("channels", [16, 32, 64, 96, 128, 256])
+def test_group_norm_keeps_four_channels_per_group(channels: int) -> None:
+    norm = group_norm(channels)
+    assert channels % norm.num_groups == 0
+    assert channels // norm.num_groups >= 4
+    assert norm.num_groups <= 32
+
+
+def test_group_norm_rule_one_is_gcd() -> None:
+    for channels in (8, 16, 24, 32, 48, 96, 128):
+        assert group_norm(channels, min_group_channels=1).num_groups == math.gcd(32, channels)
+    assert group_norm(128).num_groups == 32  # DDPM's width keeps DDPM's 32 groups
+
+
+def test_unet_output_mean_follows_input_mean() -> None:
+    """A brighter input must be able to change the prediction's mean, which one-channel groups all but forbid."""
+    responses = {}
+    for min_group_channels in (1, 4):
+        torch.manual_seed(0)
+        net = create_model(
+            "unet",
+            3,
+            10,
+            base_channels=32,
+            channel_multipliers=[1, 2],
+            num_res_blocks=1,
+            attention_levels=[],
+            dropout=0.0,
+            resample="conv",
+            min_group_channels=min_group_channels,
+        ).eval()
+        # The zero-initialised convolutions would make every output 0, whatever the input.
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d) and not module.weight.any():
+                nn.init.normal_(module.weight, std=0.05)
+        images, timesteps = torch.randn(8, 3, 16, 16), torch.full((8,), 500)
+        with torch.no_grad():
+            change = net(images + 1.0, timesteps) - net(images, timesteps)
+        responses[min_group_channels] = change.mean(dim=(2, 3)).abs().mean().item()
+
+    assert responses[4] > 5 * responses[1]
 
 
 def compose_sample_config(*overrides: str) -> DictConfig:

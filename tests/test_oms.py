@@ -191,7 +191,7 @@ def test_trained_oms_predicts_conditional_mean() -> None:
 
     network = OMSNetwork(in_channels=1, base_channels=8, channel_multipliers=(1, 2), num_conditions=2)
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
-    for _ in range(250):
+    for _ in range(600):
         indices = torch.randint(0, len(data), (64,), generator=generator)
         loss = oms_loss(network, data[indices], labels[indices], condition_dropout=0.2, generator=generator)
         optimizer.zero_grad()
