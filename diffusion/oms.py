@@ -374,6 +374,7 @@ def build_oms_network(
     channel_multipliers: Sequence[int] = (1, 2, 2),
     num_res_blocks: int = 1,
     embedding_dim: int | None = None,
+    min_group_channels: int = MIN_GROUP_CHANNELS,
 ) -> OMSNetwork:
     """Create the :class:`OMSNetwork` for a data set and an OMS condition (``"none"``, ``"class"`` or ``"brightness"``).
 
@@ -390,6 +391,7 @@ def build_oms_network(
         num_res_blocks=num_res_blocks,
         num_conditions=int(num_conditions),
         embedding_dim=embedding_dim,
+        min_group_channels=min_group_channels,
     )
 
 
