@@ -174,17 +174,17 @@ class SpikingClassifierModule(L.LightningModule):
         return FirstLayerMultiplies(self.network), example_input_of(self)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        neuron_parameters = [
-            parameter
-            for _, node in spiking_neurons(self.network)
-            for parameter in (node.threshold, node.leak)
-            if parameter.requires_grad
-        ]
-        neuron_ids = {id(parameter) for parameter in neuron_parameters}
-        weights = [p for p in self.parameters() if p.requires_grad and id(p) not in neuron_ids]
-        optimizer = self.optimizer_factory([{"params": weights}])
-        if neuron_parameters:
-            optimizer.add_param_group({"params": neuron_parameters})
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        neuron_ids = {id(node.threshold) for _, node in spiking_neurons(self.network)}
+        neuron_ids |= {id(node.leak) for _, node in spiking_neurons(self.network)}
+        neuron_parameters = [p for p in trainable if id(p) in neuron_ids]
+
+        # One group at scale 1, so that a stage checkpointed before the scale existed still resumes.
+        if self.neuron_lr_scale == 1.0 or not neuron_parameters:
+            optimizer = self.optimizer_factory([{"params": trainable}])
+        else:
+            weights = [p for p in trainable if id(p) not in neuron_ids]
+            optimizer = self.optimizer_factory([{"params": weights}, {"params": neuron_parameters}])
 
             # Scaled before the scheduler is built, so that it records the scaled rate as the group's initial one.
             optimizer.param_groups[1]["lr"] *= self.neuron_lr_scale

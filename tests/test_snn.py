@@ -277,6 +277,17 @@ def test_neuron_lr_scale_keeps_ratio_under_schedule() -> None:
     assert neuron_group["lr"] == pytest.approx(2e-4)
 
 
+def test_neuron_lr_scale_one_keeps_single_group() -> None:
+    """Scale 1 keeps the optimizer's one group, so that checkpoints from before the option resume."""
+    network = _two_layer_network()
+    module = SpikingClassifierModule(network, partial(torch.optim.Adam, lr=1e-4), {"name": "none"}, num_classes=3)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1)
+    optimizer = module.configure_optimizers()["optimizer"]
+
+    assert len(optimizer.param_groups) == 1
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in network.parameters()]
+
+
 def test_neuron_lr_scale_rejects_zero() -> None:
     with pytest.raises(ValueError, match="neuron_lr_scale must be > 0"):
         SpikingClassifierModule(_two_layer_network(), partial(torch.optim.Adam), {"name": "none"}, 3, neuron_lr_scale=0)
