@@ -84,6 +84,8 @@ def group_norm(channels: int, min_group_channels: int = MIN_GROUP_CHANNELS) -> n
     The number of groups is the largest power of two that divides both 32 and ``channels``
     and leaves ``min_group_channels`` channels in each group. ``min_group_channels=1``
     gives ``gcd(32, channels)`` groups, this model's rule before the minimum existed.
+    Widths 16, 32, 64, 128 and above get NCSN++'s groups; 96 channels get 16 groups of 6, where
+    NCSN++ has 24 groups of 4.
     """
     if min_group_channels < 1:
         raise ValueError(f"min_group_channels must be >= 1, got {min_group_channels}")
