@@ -273,6 +273,7 @@ class OMSNetwork(nn.Module):
         self.in_channels = in_channels
         self.num_conditions = num_conditions
         self.num_levels = len(channel_multipliers)
+        self.min_group_channels = min_group_channels
         self.condition_embedding = nn.Embedding(num_conditions + 1, embedding_dim)
 
         self.input_conv = nn.Conv2d(in_channels + 2, base_channels, 3, padding=1)
@@ -486,7 +487,7 @@ def load_oms(checkpoint_path: str | Path, use_ema: bool = True) -> LoadedOMS:
     if not state:
         raise ValueError(f"{checkpoint_path} has no OMS weights under {prefix!r}")
 
-    # Checkpoints from before the GroupNorm minimum had one channel per group at 32 channels or fewer.
+    # Checkpoints from before the GroupNorm minimum do not record it and used gcd(32, C) groups.
     network = OMSNetwork(**{"min_group_channels": 1, **metadata["network"]})
     network.load_state_dict(state)
     network.eval()

@@ -50,7 +50,12 @@ from lightning_modules.classifier import OptimizerFactory, scheduled_optimizer
 from lightning_modules.image_data import ImageDataMixin, image_metadata
 from lightning_modules.seeds import STEP_NOISE_STREAM, derive_seed
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
-from models.unet import spec_for_rebuild, spec_with_norm_rule
+from models.unet import (
+    check_min_group_channels,
+    spec_for_rebuild,
+    spec_with_norm_rule,
+    stored_min_group_channels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -639,6 +644,10 @@ class DDPMModule(ImageDataMixin, LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = (checkpoint.get(CHECKPOINT_KEY) or {}).get("model_spec")
+        check_min_group_channels(stored_min_group_channels(spec), self.net, "the checkpoint")
 
 
 class DiffusionSummaryCallback(L.Callback):

@@ -49,6 +49,7 @@ from lightning_modules.pipeline import (
     save_stage_weights,
 )
 from lightning_modules.run_summary import save_summary
+from lightning_modules.schedules import check_scheduler_options
 from lightning_modules.setup_run import instantiate_user_object, resolve_checkpoint_path
 from lightning_modules.spiking_classifier import SpikingClassifierModule
 from snn import ENERGY_PER_ACCUMULATE_PJ, ENERGY_PER_MAC_PJ, SpikingNetwork, convert_vgg_to_snn
@@ -86,8 +87,11 @@ class IIRSNNPipeline(Pipeline):
         self.energy_per_mac_pj = float(energy.get("energy_per_mac_pj", ENERGY_PER_MAC_PJ))
         self.energy_per_accumulate_pj = float(energy.get("energy_per_accumulate_pj", ENERGY_PER_ACCUMULATE_PJ))
         self.datamodule = instantiate_user_object(cfg.data)
-        # Raises now, rather than after the ANN has trained, when the model cannot be converted.
+        # Raises now, rather than after the ANN has trained, when the model cannot be converted
+        # or a schedule is set twice.
         self._check_convertible(self.build_ann())
+        check_scheduler_options(self.options.ann.scheduler, "module.ann.scheduler")
+        check_scheduler_options(self.options.snn.scheduler, "module.snn.scheduler")
 
     def stages(self) -> list[Stage]:
         stages = [Stage("ann", self.run_ann_stage), Stage("convert", self.run_convert_stage)]

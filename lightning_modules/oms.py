@@ -50,6 +50,7 @@ from diffusion.oms import (
 from lightning_modules.classifier import OptimizerFactory, scheduled_optimizer
 from lightning_modules.diffusion import EMA, save_grid, to_plain, to_uint8
 from lightning_modules.image_data import ImageDataMixin, image_metadata
+from models.unet import check_min_group_channels
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +262,9 @@ class OMSModule(ImageDataMixin, LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[OMS_CHECKPOINT_KEY] = self.checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        network = (checkpoint.get(OMS_CHECKPOINT_KEY) or {}).get("network")
+        # OMS checkpoints from before the GroupNorm minimum do not record it and used gcd(32, C) groups.
+        stored = int(network.get("min_group_channels", 1)) if network else None
+        check_min_group_channels(stored, self.net, "the OMS checkpoint")

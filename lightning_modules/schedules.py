@@ -6,7 +6,8 @@ resumed run continues the schedule where it stopped.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -62,6 +63,22 @@ def build_scheduler(
         f"unknown learning-rate schedule {name!r}; set module.scheduler.name to one of "
         "cosine, multistep, constant, none"
     )
+
+
+def check_scheduler_options(options: Mapping[str, Any], config_key: str) -> None:
+    """Raise now if a multistep schedule's options name milestones both in epochs and as fractions.
+
+    ``build_scheduler`` would raise too, but only when training starts, which in a
+    pipeline can be after earlier stages have run.
+    """
+    if options.get("name") != "multistep":
+        return
+    milestones, fractions = options.get("milestones") or [], options.get("milestone_fractions") or []
+    if milestones and fractions:
+        raise ValueError(
+            f"{config_key} sets milestones {list(milestones)} (epochs) and milestone_fractions {list(fractions)}; "
+            f"keep one, for example {config_key}.milestone_fractions=[]"
+        )
 
 
 def multistep_milestone_steps(

@@ -47,7 +47,12 @@ from lightning_modules.classifier import OptimizerFactory
 from lightning_modules.diffusion import EMA, NetworkEvaluation, save_grid, to_plain, to_uint8
 from lightning_modules.image_data import ImageDataMixin, image_metadata
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
-from models.unet import spec_for_rebuild, spec_with_norm_rule
+from models.unet import (
+    check_min_group_channels,
+    spec_for_rebuild,
+    spec_with_norm_rule,
+    stored_min_group_channels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +225,10 @@ class FlowModuleBase(ImageDataMixin, LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = (checkpoint.get(CHECKPOINT_KEY) or {}).get("model_spec")
+        check_min_group_channels(stored_min_group_channels(spec), self.net, "the checkpoint")
 
 
 # ---------------------------------------------------------------------------------------

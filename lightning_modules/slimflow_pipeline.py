@@ -42,6 +42,7 @@ from lightning_modules.pipeline import (
 from lightning_modules.run_summary import save_summary
 from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.slimflow import (
+    CHECKPOINT_KEY,
     EMA_STATE_PREFIX,
     FlowDistillationModule,
     RectifiedFlowModule,
@@ -50,6 +51,7 @@ from lightning_modules.slimflow import (
     load_flow_model,
     save_flow_checkpoint,
 )
+from models.unet import check_min_group_channels, stored_min_group_channels
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +215,12 @@ class SlimFlowPipeline(Pipeline):
     def run_distillation_stage(self, context: StageContext) -> StageResult:
         """Distil the reflow student to one step, guided by a frozen copy of its EMA unless the baseline runs."""
         options = self.options.distillation
+        reflow_path = self.stage_checkpoint("annealing_reflow")
         reflow_ema = self._build_network(self.cfg.model)
-        state = load_stage_weights(self.stage_checkpoint("annealing_reflow"))
-        reflow_ema.load_state_dict(_strip_prefix(state, EMA_STATE_PREFIX))
+        metadata = torch.load(reflow_path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY) or {}
+        stored_rule = stored_min_group_channels(metadata.get("model_spec"))
+        check_min_group_channels(stored_rule, reflow_ema, f"the annealing_reflow stage ({reflow_path})")
+        reflow_ema.load_state_dict(_strip_prefix(load_stage_weights(reflow_path), EMA_STATE_PREFIX))
         student = copy_for_guide(reflow_ema).train().requires_grad_(True)
         flow_guidance = not self.baseline and options.flow_guidance
         module = FlowDistillationModule(

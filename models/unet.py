@@ -423,6 +423,31 @@ def spec_for_rebuild(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def stored_min_group_channels(spec: dict[str, Any] | None) -> int | None:
+    """Return the GroupNorm minimum that a checkpoint's model spec records, 1 if a UNet spec lacks it.
+
+    None means the spec is missing or names no UNet, so there is no rule to compare.
+    """
+    if spec is None or spec.get("name") not in UNET_MODEL_NAMES:
+        return None
+    return int(spec.get("min_group_channels", 1))
+
+
+def check_min_group_channels(stored: int | None, net: nn.Module, source: str) -> None:
+    """Raise if ``net`` was built with another GroupNorm minimum than the checkpoint ``source`` records.
+
+    GroupNorm's weights fit any number of groups, so loading them into a network built with
+    another rule succeeds and silently computes something else.
+    """
+    built = getattr(net, "min_group_channels", None)
+    if stored is None or built is None or stored == built:
+        return
+    raise ValueError(
+        f"{source} was trained with min_group_channels={stored}, but the network built for it has {built}; "
+        f"set model.min_group_channels={stored} to resume or test it"
+    )
+
+
 @register_model("unet")
 def unet(in_channels: int = 3, num_classes: int = 10, class_conditional: bool = False, **kwargs) -> UNet:
     """Create a :class:`UNet`; ``num_classes`` is used only with ``class_conditional=True``.

@@ -90,6 +90,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--oms-batch-size", type=int, default=128)
     parser.add_argument("--num-bins", type=int, default=5, help="quantile bins of the brightness OMS")
     parser.add_argument("--condition-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--min-group-channels",
+        type=int,
+        default=MIN_GROUP_CHANNELS,
+        help="channels per GroupNorm group at the least, base and OMS networks (1: the rule of earlier runs)",
+    )
 
     parser.add_argument(
         "--samplers",
@@ -151,7 +157,7 @@ def base_config(args: argparse.Namespace, data_digest: str) -> dict[str, Any]:
             "attention_levels": [2],
             "dropout": 0.0,
             "resample": "conv",
-            "min_group_channels": MIN_GROUP_CHANNELS,
+            "min_group_channels": args.min_group_channels,
         },
         "schedule": BASE_SCHEDULE,
         "prediction_type": "epsilon",
@@ -224,6 +230,7 @@ def train_oms(
         channel_multipliers=(1, 2, 2),
         num_res_blocks=1,
         num_conditions=bins.num_bins if bins is not None else 0,
+        min_group_channels=args.min_group_channels,
     )
     ema = EMA(network, 0.99)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=0.0)

@@ -475,7 +475,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             arms[arm] = {"net": student.eval(), "record": json.loads(record_path.read_text())["record"]}
             continue
         reflow_model, reflow_record = train_reflow(pairs, args, annealing=annealing)
-        torch.save(reflow_model.state_dict(), output / f"{arm}_reflow.pt")
+        # Stored with the student's key: a run killed during distillation leaves a new reflow
+        # model beside an older student, which must not serve as that student's guide.
+        torch.save({"key": student_key, "state_dict": reflow_model.state_dict()}, output / f"{arm}_reflow.pt")
         student, distill_record = train_distillation(reflow_model, pairs, args, flow_guided=flow_guided)
         record = {"reflow": reflow_record, "distillation": distill_record}
         record["fd_reflow_one_step"] = fd_of(generate(reflow_model, args.num_samples, 1, args))
@@ -505,9 +507,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     student_fds = {arm: fd_of(generate(entry["net"], args.num_samples, 1, args)) for arm, entry in arms.items()}
 
     # What each distillation term pulls the SlimFlow student towards, measured like the samples.
+    reflow_path = output / "slimflow_reflow.pt"
+    stored_reflow = torch.load(reflow_path, weights_only=True) if reflow_path.is_file() else None
+
     def target_fds() -> dict[str, Any]:
         guide = build_unet(args.student_width, args.min_group_channels)
-        guide.load_state_dict(torch.load(output / "slimflow_reflow.pt", weights_only=True))
+        guide.load_state_dict(stored_reflow["state_dict"])
         guide.eval()
         return {
             "term1_pairs": fd_of(pairs.x1[: args.num_samples].clamp(-1.0, 1.0)),
@@ -516,12 +521,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "guide_euler_2_steps": fd_of(generate(guide, args.num_samples, 2, args)),
         }
 
-    target_key = {**keys["students"], "arm": "slimflow", **stage_key(args, EVALUATION_SETTINGS)}
+    slimflow_key = {**keys["students"], "arm": "slimflow"}
     targets = None
-    if (output / "slimflow_reflow.pt").is_file():
+    if stored_reflow is not None and stored_reflow.get("key") == slimflow_key:
+        target_key = {**slimflow_key, **stage_key(args, EVALUATION_SETTINGS)}
         targets = cached(output / "distillation_targets.json", target_fds, target_key)
     else:
-        log.info("no slimflow_reflow.pt in %s (a run from before it was saved): distillation targets skipped", output)
+        log.info(
+            "no slimflow_reflow.pt in %s made with this run's settings, so the distillation targets are not measured; "
+            "delete slimflow_student.pt to train the SlimFlow student again and measure them",
+            output,
+        )
     best_steps = min(teacher_fds, key=lambda steps: teacher_fds[steps])
 
     speed = {

@@ -265,6 +265,27 @@ def test_checkpoint_records_norm_rule(tiny_checkpoint: Path, tmp_path: Path) -> 
     assert load_denoiser(tmp_path / "old.ckpt").net.min_group_channels == 1
 
 
+def test_resume_rejects_other_norm_rule(tiny_checkpoint: Path) -> None:
+    checkpoint = torch.load(tiny_checkpoint / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    spec = checkpoint[CHECKPOINT_KEY]["model_spec"]
+
+    def module_with(min_group_channels: int) -> DDPMModule:
+        net_spec = {key: value for key, value in spec.items() if key not in ("name", "in_channels", "num_classes")}
+        net_spec["min_group_channels"] = min_group_channels
+        net = create_model(spec["name"], spec["in_channels"], spec["num_classes"], **net_spec)
+        return DDPMModule(net, torch.optim.Adam, {"name": "none"}, num_classes=10)
+
+    module_with(4).on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="set model.min_group_channels=4"):
+        module_with(1).on_load_checkpoint(checkpoint)
+
+    # Without the entry the checkpoint predates the option, so it needs the old rule.
+    del spec["min_group_channels"]
+    module_with(1).on_load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="set model.min_group_channels=1"):
+        module_with(4).on_load_checkpoint(checkpoint)
+
+
 @pytest.mark.parametrize("channels", [16, 32, 64, 96, 128, 256])
 def test_group_norm_keeps_four_channels_per_group(channels: int) -> None:
     norm = group_norm(channels)

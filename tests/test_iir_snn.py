@@ -242,6 +242,16 @@ def test_stage_weights_contain_thresholds(uninterrupted: dict[str, Any]) -> None
         assert state[f"network.{name}.threshold"].item() == pytest.approx(value), name
 
 
+def test_schedule_set_twice_raises_before_stages(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = compose_pipeline(
+        tmp_path, cache_dir, "module.snn.scheduler.name=multistep", "module.snn.scheduler.milestones=[1]"
+    )
+
+    with pytest.raises(ValueError, match=r"module.snn.scheduler.milestone_fractions=\[\]"):
+        IIRSNNPipeline(cfg)
+    assert not (tmp_path / "stages").exists()
+
+
 def test_each_stage_has_own_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
     cfg = compose_pipeline(tmp_path, cache_dir, "trainer.fast_dev_run=true", "logger=wandb")
     train(cfg)

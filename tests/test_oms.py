@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from diffusion import make_schedule, make_timesteps, prediction_target
 from diffusion.oms import (
+    OMS_CHECKPOINT_KEY,
     BrightnessBins,
     OMSHandover,
     OMSNetwork,
@@ -363,6 +364,15 @@ def train_base(compose_config: ComposeConfig, folder: Path, width: int) -> Path:
         cfg.paths.output_dir = str(folder)
     train(cfg)
     return folder
+
+
+def test_oms_checkpoint_without_norm_rule_loads_old_rule(oms_brightness_run: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(oms_brightness_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert load_oms(oms_brightness_run / "checkpoints" / "last.ckpt").network.min_group_channels == 4
+
+    del checkpoint[OMS_CHECKPOINT_KEY]["network"]["min_group_channels"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert load_oms(tmp_path / "old.ckpt").network.min_group_channels == 1
 
 
 def test_oms_checkpoint_loads(oms_brightness_run: Path) -> None:

@@ -38,6 +38,7 @@ from diffusion.slimflow import (
 from lightning_modules.image_data import ImageData
 from lightning_modules.pipeline import STATE_FILE
 from lightning_modules.seeds import SHARD_STREAM, STAGE_STREAM, STEP_NOISE_STREAM, derive_seed
+from lightning_modules.slimflow import CHECKPOINT_KEY as FLOW_CHECKPOINT_KEY
 from lightning_modules.slimflow import RectifiedFlowModule, load_flow_model, save_flow_checkpoint
 from lightning_modules.training import train
 from models import create_model
@@ -182,6 +183,22 @@ def test_derived_seeds_per_stream_and_length() -> None:
     assert derive_seed(STAGE_STREAM, 7) != derive_seed(STAGE_STREAM, 7, 0)
     assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(SHARD_STREAM, 7, 1)
     assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(STEP_NOISE_STREAM, 7, 1)
+
+
+def test_flow_checkpoint_without_norm_rule_loads_old_rule(tmp_path: Path) -> None:
+    net = create_model("unet", 1, 10, base_channels=8, channel_multipliers=[1, 2], attention_levels=[])
+    module = RectifiedFlowModule(net, optimizer=torch.optim.Adam)
+    module.image_data = ImageData((1, 8, 8))
+    path = save_flow_checkpoint(module, tmp_path / "new")
+    assert load_flow_model(path).net.min_group_channels == 4
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    del checkpoint[FLOW_CHECKPOINT_KEY]["model_spec"]["min_group_channels"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    assert load_flow_model(tmp_path / "old.pt").net.min_group_channels == 1
+
+    with pytest.raises(ValueError, match="set model.min_group_channels=1"):
+        module.on_load_checkpoint(checkpoint)
 
 
 def test_pair_shards_resume(tmp_path: Path) -> None:
@@ -424,6 +441,7 @@ def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path) -> None:
 
     # The distilled student is a flow checkpoint that sample.py reads with sampler=flow.
     student = load_flow_model(folder / "stages" / "distillation" / "flow.pt")
+    assert student.net.min_group_channels == 4
     assert student.metadata["flow_guidance"] is True
     assert student.metadata["role"] == "one_step_student"
     import sample
