@@ -366,7 +366,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
     for row in results["rows"]:
         for arm in ("base", "base+OMS"):
             values = row[arm]
-            frechet = f"{values['frechet_resnet20']:.1f}" if "frechet_resnet20" in values else "n/a"
+            frechet = f"{values['frechet_resnet20']:.2f}" if "frechet_resnet20" in values else "n/a"
             lines.append(
                 f"| {row['sampler']} | {arm} | {values['dark_fraction']:.3f} | {values['bright_fraction']:.3f} "
                 f"| {values['wasserstein_1']:.4f} | {values['sample_mean']:.3f} ({values['sample_std']:.3f}) "
