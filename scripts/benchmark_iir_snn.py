@@ -233,7 +233,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="folder of the runs and <arm>.json results")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[5, 4, 3, 2, 1])
     parser.add_argument("--ann-epochs", type=int, default=15)
-    parser.add_argument("--snn-epochs", type=int, default=2, help="epochs of each spiking stage of the iir arm")
+    parser.add_argument("--snn-epochs", type=int, default=5, help="epochs of each spiking stage of the iir arm")
     parser.add_argument("--train-subset", type=int, default=10000, help="class-stratified training images")
     parser.add_argument("--test-batches", type=int, default=None, help="test batches per stage; default all")
     parser.add_argument("--statistics-batches", type=int, default=40, help="test batches on which spikes are counted")
