@@ -466,6 +466,14 @@ class LoadedOMS:
     metadata: dict[str, Any]
 
 
+def network_config_for_rebuild(config: dict[str, Any]) -> dict[str, Any]:
+    """Return an OMS checkpoint's network config, with ``min_group_channels=1`` where it is missing.
+
+    Checkpoints from before the GroupNorm minimum do not record it and used ``gcd(32, C)`` groups.
+    """
+    return {"min_group_channels": 1, **config}
+
+
 def load_oms(checkpoint_path: str | Path, use_ema: bool = True) -> LoadedOMS:
     """Rebuild the OMS network of a checkpoint written by ``lightning_modules/oms.py``, on the CPU, in eval mode.
 
@@ -487,8 +495,7 @@ def load_oms(checkpoint_path: str | Path, use_ema: bool = True) -> LoadedOMS:
     if not state:
         raise ValueError(f"{checkpoint_path} has no OMS weights under {prefix!r}")
 
-    # Checkpoints from before the GroupNorm minimum do not record it and used gcd(32, C) groups.
-    network = OMSNetwork(**{"min_group_channels": 1, **metadata["network"]})
+    network = OMSNetwork(**network_config_for_rebuild(metadata["network"]))
     network.load_state_dict(state)
     network.eval()
     bins = metadata.get("brightness_bins")

@@ -43,6 +43,7 @@ from diffusion.oms import (
     BrightnessBins,
     OMSNetwork,
     image_brightness,
+    network_config_for_rebuild,
     oms_loss,
     oms_x0_from_v,
     validate_condition_kind,
@@ -265,6 +266,5 @@ class OMSModule(ImageDataMixin, LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         network = (checkpoint.get(OMS_CHECKPOINT_KEY) or {}).get("network")
-        # OMS checkpoints from before the GroupNorm minimum do not record it and used gcd(32, C) groups.
-        stored = int(network.get("min_group_channels", 1)) if network else None
+        stored = int(network_config_for_rebuild(network)["min_group_channels"]) if network else None
         check_min_group_channels(stored, self.net, "the OMS checkpoint")

@@ -66,33 +66,32 @@ def build_scheduler(
 
 
 def check_scheduler_options(options: Mapping[str, Any], config_key: str) -> None:
-    """Raise now if a multistep schedule's options name milestones both in epochs and as fractions.
+    """Raise now if a multistep schedule's milestones in ``options`` are invalid.
 
     ``build_scheduler`` would raise too, but only when training starts, which in a
     pipeline can be after earlier stages have run.
     """
-    if options.get("name") != "multistep":
-        return
-    milestones, fractions = options.get("milestones") or [], options.get("milestone_fractions") or []
-    if milestones and fractions:
+    if options.get("name") == "multistep":
+        check_milestones(options.get("milestones") or [], options.get("milestone_fractions") or [], config_key)
+
+
+def check_milestones(milestones: Sequence[float], milestone_fractions: Sequence[float], config_key: str) -> None:
+    """Raise if both kinds of milestones are set, or a fraction lies outside (0, 1]."""
+    if milestones and milestone_fractions:
         raise ValueError(
-            f"{config_key} sets milestones {list(milestones)} (epochs) and milestone_fractions {list(fractions)}; "
-            f"keep one, for example {config_key}.milestone_fractions=[]"
+            f"{config_key} sets milestones {list(milestones)} (epochs) and milestone_fractions "
+            f"{list(milestone_fractions)}; keep one, for example {config_key}.milestone_fractions=[]"
         )
+    invalid = [fraction for fraction in milestone_fractions if not 0.0 < fraction <= 1.0]
+    if invalid:
+        raise ValueError(f"{config_key}.milestone_fractions must lie in (0, 1], got {invalid}")
 
 
 def multistep_milestone_steps(
     milestones: Sequence[float], milestone_fractions: Sequence[float], steps_per_epoch: int, total_steps: int
 ) -> list[int]:
     """Return the optimizer steps of the milestones, given in epochs or as fractions of ``total_steps``."""
-    if milestones and milestone_fractions:
-        raise ValueError(
-            f"a multistep schedule got milestones {list(milestones)} (epochs) and milestone_fractions "
-            f"{list(milestone_fractions)}; set one of them and leave the other empty"
-        )
-    invalid = [fraction for fraction in milestone_fractions if not 0.0 < fraction <= 1.0]
-    if invalid:
-        raise ValueError(f"milestone_fractions must lie in (0, 1], got {invalid}")
+    check_milestones(milestones, milestone_fractions, "module.scheduler")
     if milestone_fractions:
         return [round(fraction * total_steps) for fraction in milestone_fractions]
     return [round(epoch * steps_per_epoch) for epoch in milestones]

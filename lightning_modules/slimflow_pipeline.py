@@ -36,7 +36,6 @@ from lightning_modules.pipeline import (
     Stage,
     StageContext,
     StageResult,
-    load_stage_weights,
     run_lightning_stage,
 )
 from lightning_modules.run_summary import save_summary
@@ -217,10 +216,10 @@ class SlimFlowPipeline(Pipeline):
         options = self.options.distillation
         reflow_path = self.stage_checkpoint("annealing_reflow")
         reflow_ema = self._build_network(self.cfg.model)
-        metadata = torch.load(reflow_path, map_location="cpu", weights_only=True).get(CHECKPOINT_KEY) or {}
-        stored_rule = stored_min_group_channels(metadata.get("model_spec"))
+        reflow = torch.load(reflow_path, map_location="cpu", weights_only=True)
+        stored_rule = stored_min_group_channels((reflow.get(CHECKPOINT_KEY) or {}).get("model_spec"))
         check_min_group_channels(stored_rule, reflow_ema, f"the annealing_reflow stage ({reflow_path})")
-        reflow_ema.load_state_dict(_strip_prefix(load_stage_weights(reflow_path), EMA_STATE_PREFIX))
+        reflow_ema.load_state_dict(_strip_prefix(reflow["state_dict"], EMA_STATE_PREFIX))
         student = copy_for_guide(reflow_ema).train().requires_grad_(True)
         flow_guidance = not self.baseline and options.flow_guidance
         module = FlowDistillationModule(

@@ -175,8 +175,7 @@ class SpikingClassifierModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         trainable = [p for p in self.parameters() if p.requires_grad]
-        neuron_ids = {id(node.threshold) for _, node in spiking_neurons(self.network)}
-        neuron_ids |= {id(node.leak) for _, node in spiking_neurons(self.network)}
+        neuron_ids = {id(p) for _, node in spiking_neurons(self.network) for p in (node.threshold, node.leak)}
         neuron_parameters = [p for p in trainable if id(p) in neuron_ids]
 
         # One group at scale 1, so that a stage checkpointed before the scale existed still resumes.

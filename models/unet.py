@@ -140,7 +140,7 @@ class ResidualBlock(nn.Module):
         hidden = self.conv1(self._resample(hidden))
         # The embedding shifts the normalised activations. Added before norm2, as in the original DDPM,
         # a per-channel shift would be subtracted again by the norm wherever a group has one channel
-        # (min_group_channels=1 at 32 channels or fewer), so the output would not depend on the timestep.
+        # (min_group_channels=1 at 16 or 32 channels), so the output would not depend on the timestep.
         hidden = self.norm2(hidden) + self.embedding_projection(F.silu(embedding))[:, :, None, None]
         hidden = self.conv2(self.dropout(F.silu(hidden)))
         return self.skip(self._resample(x)) + hidden
@@ -417,10 +417,11 @@ def spec_for_rebuild(spec: dict[str, Any]) -> dict[str, Any]:
     ``gcd(32, channels)`` groups. GroupNorm's weights do not depend on the number of
     groups, so its weights would load into the new default and compute something else.
     """
-    if spec.get("name") in UNET_MODEL_NAMES and "min_group_channels" not in spec:
-        log.info("the checkpoint's UNet does not record min_group_channels, so it is rebuilt with the old rule (1)")
-        return {**spec, "min_group_channels": 1}
-    return spec
+    stored = stored_min_group_channels(spec)
+    if stored is None or "min_group_channels" in spec:
+        return spec
+    log.info("the checkpoint's UNet does not record min_group_channels, so it is rebuilt with the old rule (1)")
+    return {**spec, "min_group_channels": stored}
 
 
 def stored_min_group_channels(spec: dict[str, Any] | None) -> int | None:

@@ -239,7 +239,7 @@ def train_distillation(
         loss = paired_distillation_loss(student, pairs.z0[indices], pairs.x1[indices], distance)
         if flow_guided:
             noise = torch.randn(pairs.z0[indices].shape, generator=generator)
-            t_prime = sample_t_prime(len(noise), 0.2, 0.8, generator)
+            t_prime = sample_t_prime(len(noise), *T_PRIME_RANGE, generator)
             loss = loss + flow_guidance_loss(student, guide_velocity, noise, t_prime, distance)
         return loss
 
@@ -269,7 +269,7 @@ def guidance_targets(student: nn.Module, guide: nn.Module, num_samples: int, arg
     noise = torch.randn(
         (num_samples, 3, args.resolution, args.resolution), generator=torch.Generator().manual_seed(12345)
     )
-    t_prime = sample_t_prime(num_samples, 0.2, 0.8, torch.Generator().manual_seed(12346))
+    t_prime = sample_t_prime(num_samples, *T_PRIME_RANGE, torch.Generator().manual_seed(12346))
     student_velocity, guide_velocity = network_velocity(student.eval()), network_velocity(guide.eval())
     batches = []
     for start in range(0, num_samples, 250):
@@ -333,6 +333,8 @@ TEACHER_SETTINGS = (
     "min_group_channels",
 )
 PAIR_SETTINGS = ("num_pairs", "pair_steps")
+# The range of t' in Flow-Guided Distillation's term 2, SlimFlow's default.
+T_PRIME_RANGE = (0.2, 0.8)
 STUDENT_SETTINGS = ("student_width", "reflow_steps", "anneal_fraction", "distill_steps", "distance")
 EVALUATION_SETTINGS = ("num_samples", "feature_checkpoint")
 

@@ -194,16 +194,17 @@ class ConstantVelocity(nn.Module):
         return torch.full_like(x, self.value)
 
 
-def test_slimflow_guidance_targets_use_the_evaluation_noise(slimflow_script):
+def test_guidance_targets_use_evaluation_noise(slimflow_script):
     args = argparse.Namespace(resolution=4)
     targets = slimflow_script.guidance_targets(ConstantVelocity(0.0), ConstantVelocity(1.0), 300, args)
 
-    # A still student leaves x_t' at the noise; the guide then adds (1 - t') with t' in [0.2, 0.8].
+    # A still student leaves x_t' at the noise, so the guide's step adds (1 - t'), with t' in [0.2, 0.8].
     noise = torch.randn((300, 3, 4, 4), generator=torch.Generator().manual_seed(12345))
     step = targets - noise.clamp(-1.0, 1.0)
     unclamped = noise.abs() < 0.2
     assert targets.shape == (300, 3, 4, 4)
-    assert step[unclamped].min() >= 0.2 - 1e-6 and step[unclamped].max() <= 0.8 + 1e-6
+    assert step[unclamped].min() >= 0.2 - 1e-6
+    assert step[unclamped].max() <= 0.8 + 1e-6
     per_image = step.flatten(1)[:, 0][unclamped.flatten(1)[:, 0]]
     assert per_image.std() > 0.1  # t' differs between images
 

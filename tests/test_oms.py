@@ -366,7 +366,7 @@ def train_base(compose_config: ComposeConfig, folder: Path, width: int) -> Path:
     return folder
 
 
-def test_oms_checkpoint_without_norm_rule_loads_old_rule(oms_brightness_run: Path, tmp_path: Path) -> None:
+def test_legacy_oms_checkpoint_gets_old_rule(oms_brightness_run: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(oms_brightness_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert load_oms(oms_brightness_run / "checkpoints" / "last.ckpt").network.min_group_channels == 4
 

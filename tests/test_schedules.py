@@ -54,7 +54,7 @@ def test_multistep_milestone_fractions_of_run() -> None:
 
 def test_multistep_rejects_both_milestone_kinds() -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(ValueError, match="set one of them"):
+    with pytest.raises(ValueError, match="keep one"):
         build_scheduler(
             optimizer, "multistep", total_steps=100, steps_per_epoch=10, milestones=[5], milestone_fractions=[0.5]
         )
@@ -63,7 +63,7 @@ def test_multistep_rejects_both_milestone_kinds() -> None:
 @pytest.mark.parametrize("fraction", [0.0, 1.5, -0.2])
 def test_multistep_rejects_fraction_outside_run(fraction: float) -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"milestone_fractions must lie in \(0, 1\]"):
         build_scheduler(optimizer, "multistep", total_steps=100, steps_per_epoch=10, milestone_fractions=[fraction])
 
 

@@ -185,7 +185,7 @@ def test_derived_seeds_per_stream_and_length() -> None:
     assert derive_seed(STAGE_STREAM, 7, 1) != derive_seed(STEP_NOISE_STREAM, 7, 1)
 
 
-def test_flow_checkpoint_without_norm_rule_loads_old_rule(tmp_path: Path) -> None:
+def test_legacy_flow_checkpoint_gets_old_rule(tmp_path: Path) -> None:
     net = create_model("unet", 1, 10, base_channels=8, channel_multipliers=[1, 2], attention_levels=[])
     module = RectifiedFlowModule(net, optimizer=torch.optim.Adam)
     module.image_data = ImageData((1, 8, 8))
