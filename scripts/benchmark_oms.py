@@ -18,7 +18,11 @@ compared with the data:
   upsampled bilinearly to 32x32;
 - low-frequency control: the brightness OMS asked for each bin, the mean generated
   brightness per bin against the data's mean brightness in that bin, next to the base
-  sampler's single mean brightness against the same targets.
+  sampler's single mean brightness against the same targets;
+- the conditioned OMS as a fix of the brightness distribution: the control samples, every
+  bin requested equally often as the quantile bins are in the data, pooled and compared
+  with the data as above (arms ``base+OMS, bins, guidance g``). Their initial noise differs
+  from the other two arms', and there are ``--control-samples`` times the number of bins.
 
 The CPU run behind the numbers in BENCHMARKS.md (about 40 minutes on one busy core):
 
@@ -352,6 +356,15 @@ def run_comparisons(
             control["fraction_in_requested_bin"] = float((bins.assign(brightness) == requested).float().mean())
             row[f"control_oms_guidance_{guidance:g}"] = control
             print(f"[{settings.describe()}] control, OMS guidance {guidance:g}: {json.dumps(control)}", flush=True)
+
+            # The quantile bins are equally likely in the data, so these samples, pooled, are
+            # what the conditioned OMS gives when each sample's bin is drawn as the data's.
+            arm = f"base+OMS, bins, guidance {guidance:g}"
+            row[arm] = compare_brightness(brightness, data["reference_brightness"]).to_dict()
+            row[arm]["num_samples"] = len(requested)
+            if scorer is not None:
+                row[arm]["frechet_resnet20"] = scorer(samples)
+            print(f"[{settings.describe()}] {arm}: {json.dumps(row[arm])}", flush=True)
         rows.append(row)
     return rows
 
@@ -364,7 +377,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        for arm in ("base", "base+OMS"):
+        for arm in (key for key in row if key.startswith("base")):
             values = row[arm]
             frechet = f"{values['frechet_resnet20']:.2f}" if "frechet_resnet20" in values else "n/a"
             lines.append(
