@@ -19,9 +19,9 @@ compared with the data:
 - low-frequency control: the brightness OMS asked for each bin, the mean generated
   brightness per bin against the data's mean brightness in that bin, next to the base
   sampler's single mean brightness against the same targets;
-- the conditioned OMS as a fix of the brightness distribution: the control samples, every
-  bin requested equally often as the quantile bins are in the data, pooled and compared
-  with the data as above (arms ``base+OMS, bins, guidance g``). Their initial noise differs
+- the conditioned OMS as a fix of the brightness distribution: the control samples request
+  every quantile bin equally often, as often as the data falls in it. They are pooled and
+  compared with the data as above (arms ``base+OMS, bins, guidance g``). Their initial noise differs
   from the other two arms', and there are ``--control-samples`` times the number of bins.
 
 The CPU run behind the numbers in BENCHMARKS.md (about 40 minutes on one busy core):
@@ -357,8 +357,8 @@ def run_comparisons(
             row[f"control_oms_guidance_{guidance:g}"] = control
             print(f"[{settings.describe()}] control, OMS guidance {guidance:g}: {json.dumps(control)}", flush=True)
 
-            # The quantile bins are equally likely in the data, so these samples, pooled, are
-            # what the conditioned OMS gives when each sample's bin is drawn as the data's.
+            # Each quantile bin contains an equal share of the data and is requested equally often,
+            # so the pooled samples follow the data's bin frequencies.
             arm = f"base+OMS, bins, guidance {guidance:g}"
             row[arm] = compare_brightness(brightness, data["reference_brightness"]).to_dict()
             row[arm]["num_samples"] = len(requested)
