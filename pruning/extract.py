@@ -46,14 +46,14 @@ def extract_subnetwork(net: nn.Module, graph: ChannelGraph, keep_masks: dict[int
     For each prunable group, the kept channels are the ``True`` entries of its mask. The
     output channels of producers, the channels of BatchNorm layers (with their running
     statistics) and depthwise convolutions, and the input channels of consumers are
-    sliced. A group with no channel kept keeps one channel whose gate points output
-    exact zeros, so the network keeps its structure and computes what the gated one did.
+    sliced. A group with no channel kept keeps one channel, which its consumers read with
+    zero weights, so the network keeps its structure and computes what the gated one did.
     ``net`` must have no gating hooks attached (see :meth:`ChannelGates.detach_from`).
     """
     indices = kept_indices(graph, keep_masks)
     out_index: dict[str, torch.Tensor] = {}
     in_index: dict[str, torch.Tensor] = {}
-    fully_closed_gate_points: list[str] = []
+    fully_closed_consumers: list[str] = []
 
     for group in graph.prunable_groups:
         if group.index not in indices:
@@ -66,7 +66,7 @@ def extract_subnetwork(net: nn.Module, graph: ChannelGraph, keep_masks: dict[int
         for name in group.consumers:
             in_index[name] = index
         if not bool(torch.as_tensor(keep_masks[group.index]).any()):
-            fully_closed_gate_points += group.gate_points
+            fully_closed_consumers += group.consumers
 
     extraction = Extraction(kept=indices)
     for name in sorted(set(out_index) | set(in_index)):
@@ -81,11 +81,9 @@ def extract_subnetwork(net: nn.Module, graph: ChannelGraph, keep_masks: dict[int
         else:
             raise TypeError(f"cannot slice layer {name!r} of type {type(module).__name__}")
 
-    for name in fully_closed_gate_points:
-        module = net.get_submodule(name)
-        for parameter in (getattr(module, "weight", None), getattr(module, "bias", None)):
-            if isinstance(parameter, torch.Tensor):
-                parameter.zero_()
+    # A consumer reads a single group, so all of its input channels are the one kept channel.
+    for name in fully_closed_consumers:
+        net.get_submodule(name).weight.zero_()
     return extraction
 
 

@@ -31,9 +31,13 @@ def polarization_regularizer(scores: torch.Tensor, t: float) -> torch.Tensor:
 class ChannelGates(nn.Module):
     """One gate score in [0, 1] per channel of each prunable group of ``graph``.
 
-    :meth:`attach` registers forward hooks that multiply the outputs of each group's
-    gate points by the binary gate, so the network trains as the sub-network that
+    :meth:`attach` registers hooks that multiply the input channels of each group's
+    consumers by the binary gate, so the network trains as the sub-network that
     extraction will keep. Scores are parameters under ``scores.<group index>``.
+
+    The gate sits where the consumers read the channels, after any activation. Gated
+    before a ReLU, a closed channel would enter it at exactly 0, where the ReLU's
+    gradient is 0, so the task loss could never reopen the gate.
     """
 
     def __init__(self, graph: ChannelGraph, init: float = 1.0) -> None:
@@ -50,18 +54,21 @@ class ChannelGates(nn.Module):
         self.hook_ids: dict[str, int] = {}
 
     def attach(self, net: nn.Module) -> None:
-        """Register the gating hooks on ``net``'s gate points (``net`` is the traced network)."""
+        """Register the gating hooks on the consumers of every prunable group (``net`` is the traced network)."""
         if self.hook_ids:
             raise RuntimeError("gates are already attached; call detach_from(net) first")
+        self._register(net)
+
+    def _register(self, net: nn.Module) -> None:
         for group in self.graph.prunable_groups:
-            for name in group.gate_points:
-                handle = net.get_submodule(name).register_forward_hook(_GateHook(self, str(group.index)))
+            for name in group.consumers:
+                handle = net.get_submodule(name).register_forward_pre_hook(_GateHook(self, str(group.index)))
                 self.hook_ids[name] = handle.id
 
     def detach_from(self, net: nn.Module) -> None:
         """Remove the gating hooks from ``net`` or from a deep copy of it."""
         for name, hook_id in self.hook_ids.items():
-            net.get_submodule(name)._forward_hooks.pop(hook_id, None)
+            net.get_submodule(name)._forward_pre_hooks.pop(hook_id, None)
 
     @contextlib.contextmanager
     def detached(self, net: nn.Module) -> Iterator[None]:
@@ -73,11 +80,8 @@ class ChannelGates(nn.Module):
             yield
         finally:
             self.hook_ids = {}
-            for group in self.graph.prunable_groups:
-                for name in group.gate_points:
-                    if name in saved:
-                        handle = net.get_submodule(name).register_forward_hook(_GateHook(self, str(group.index)))
-                        self.hook_ids[name] = handle.id
+            if saved:
+                self._register(net)
 
     def all_scores(self) -> torch.Tensor:
         """Return every score, concatenated in group order (an empty tensor if nothing is prunable)."""
@@ -114,17 +118,18 @@ class ChannelGates(nn.Module):
 
 
 class _GateHook:
-    """Forward hook that multiplies the channels of a module's output by its group's binary gate."""
+    """Forward pre-hook that multiplies the input channels of a consumer by its group's binary gate."""
 
     def __init__(self, gates: ChannelGates, key: str) -> None:
         self.gates = gates
         self.key = key
 
-    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        gate = binary_gate(self.gates.scores[self.key]).to(output.dtype)
-        shape = [1] * output.ndim
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        features = inputs[0]
+        gate = binary_gate(self.gates.scores[self.key]).to(features.dtype)
+        shape = [1] * features.ndim
         shape[1] = -1
-        return output * gate.view(shape)
+        return (features * gate.view(shape), *inputs[1:])
 
 
 def macs_from_counts(graph: ChannelGraph, kept: dict[int, torch.Tensor | float]) -> torch.Tensor:

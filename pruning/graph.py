@@ -84,8 +84,8 @@ class ChannelGroup:
     Layers are named by module name. ``producers`` (convolutions and linear layers)
     write the group's channels, and ``consumers`` read them as input channels.
     ``depthwise`` convolutions do both. ``norms`` are the BatchNorm layers over the
-    channels. ``gate_points`` are the modules whose outputs a gate multiplies, chosen so
-    that a closed channel is exactly zero wherever a consumer reads it.
+    channels. A prunable group's channels reach the output only through its consumers, so
+    gating the consumers' inputs is enough to remove them.
     """
 
     index: int
@@ -94,7 +94,6 @@ class ChannelGroup:
     consumers: list[str] = field(default_factory=list)
     depthwise: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
-    gate_points: list[str] = field(default_factory=list)
     fixed_reason: str | None = None
 
     @property
@@ -187,7 +186,7 @@ class _UnionFind:
 
 @dataclass
 class _Member:
-    role: str  # "producer", "consumer", "depthwise", "norm", "gate_point"
+    role: str  # "producer", "consumer", "depthwise" or "norm"
     module: str
 
 
@@ -295,7 +294,6 @@ class _GraphBuilder:
         if kind == "depthwise":
             unit = kernel_area * output_positions
         self.layers.append((name, kind, in_space, out_space, conv.in_channels, conv.out_channels, unit))
-        self.mark_gate_point_if_unnormalised(node, name, out_space)
 
     def visit_linear(self, node: fx.Node, name: str, linear: nn.Linear, source: fx.Node) -> None:
         shape = _shape(source)
@@ -309,16 +307,6 @@ class _GraphBuilder:
         self.add(in_space, "consumer", name)
         self.add(out_space, "producer", name)
         self.layers.append((name, "linear", in_space, out_space, linear.in_features, linear.out_features, 1.0))
-        self.mark_gate_point_if_unnormalised(node, name, out_space)
-
-    def mark_gate_point_if_unnormalised(self, node: fx.Node, name: str, space: int) -> None:
-        # A layer followed only by a BatchNorm is gated after that BatchNorm, because the
-        # BatchNorm would turn a zero back into its shift. Any other layer is gated itself.
-        users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module":
-            if isinstance(self.traced.get_submodule(str(users[0].target)), _BatchNorm):
-                return
-        self.add(space, "gate_point", name)
 
     def visit_flatten(self, node: fx.Node, source: fx.Node, where: str) -> None:
         in_shape, out_shape = _shape(source), _shape(node)
@@ -422,16 +410,12 @@ class _GraphBuilder:
                 "consumer": group.consumers,
                 "depthwise": group.depthwise,
                 "norm": group.norms,
-                "gate_point": group.gate_points,
             }[member.role]
             target.append(member.module)
         for space, reason in self.fixed:
             group = group_of(space)
             if group.fixed_reason is None:
                 group.fixed_reason = reason
-        for group in groups:
-            # Every BatchNorm in a group is gated: it turns a zero input channel into its shift.
-            group.gate_points = group.norms + [name for name in group.gate_points if name not in group.norms]
 
         layers = [
             LayerCost(name, kind, group_of(in_space).index, group_of(out_space).index, cin, cout, unit)

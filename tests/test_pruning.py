@@ -79,7 +79,7 @@ def test_extracted_output_matches_gated(name: str, kwargs: dict) -> None:
     with torch.no_grad():
         extracted_output = net(images)
 
-    assert not any(module._forward_hooks for module in net.modules())
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in net.modules())
     assert torch.allclose(extracted_output, gated_output, atol=1e-5, rtol=0)
     assert sum(parameter.numel() for parameter in net.parameters()) < dense_parameters
     counted = count_forward_cost(net, images[:1]).macs
@@ -87,8 +87,9 @@ def test_extracted_output_matches_gated(name: str, kwargs: dict) -> None:
     assert counted < dense_macs(graph)
 
 
-def test_fully_closed_group_stays_exact() -> None:
-    net = _randomised_model("resnet20", {"shortcut": "A"})
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES, ids=lambda value: str(value))
+def test_fully_closed_group_stays_exact(name: str, kwargs: dict) -> None:
+    net = _randomised_model(name, kwargs)
     graph, gates = _gated(net)
     first = str(graph.prunable_groups[0].index)
     with torch.no_grad():
@@ -100,9 +101,25 @@ def test_fully_closed_group_stays_exact() -> None:
     gates.detach_from(net)
     extract_subnetwork(net, graph, masks)
 
-    assert net.get_submodule(graph.prunable_groups[0].producers[0]).out_channels == 1
+    first_writer = (graph.prunable_groups[0].producers + graph.prunable_groups[0].depthwise)[0]
+    assert net.get_submodule(first_writer).out_channels == 1
     with torch.no_grad():
         assert torch.allclose(net(images), gated_output, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [FAMILIES[0], FAMILIES[4]], ids=["resnet20-A", "mobilenetv2_050"])
+def test_closed_gates_get_task_gradient(name: str, kwargs: dict) -> None:
+    # Without a task gradient a closed gate could only reopen through the regularizers.
+    net = _randomised_model(name, kwargs).train()
+    _, gates = _gated(net)
+    labels = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    nn.functional.cross_entropy(net(torch.randn(8, 3, 32, 32)), labels).backward()
+
+    scores = gates.all_scores().detach()
+    gradients = torch.cat([score.grad for score in gates.scores.values()])
+    closed = scores <= 0.5
+    assert closed.sum() > 10
+    assert (gradients[closed] != 0).float().mean() > 0.9
 
 
 def test_option_a_prunes_only_inside_blocks() -> None:
