@@ -17,6 +17,7 @@ An operation whose effect on channels is unknown raises :class:`UnsupportedModel
 naming the layer.
 """
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -32,9 +33,9 @@ class UnsupportedModelError(ValueError):
     """The network contains a layer or operation that channel pruning cannot handle."""
 
 
-# Modules and functions that map a zero channel to a zero channel and keep channels
-# one-to-one. Gating a channel before them therefore zeroes it after them too.
-ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+# Modules and functions that keep channels one-to-one: each output channel depends only
+# on the same input channel, so removing a channel before them removes it after them.
+CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.SiLU,
@@ -53,7 +54,7 @@ ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
-ZERO_PRESERVING_FUNCTIONS = {
+CHANNELWISE_FUNCTIONS = {
     F.relu,
     F.relu6,
     F.silu,
@@ -71,7 +72,7 @@ ZERO_PRESERVING_FUNCTIONS = {
     torch.relu,
     torch.tanh,
 }
-ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "float", "to"}
+CHANNELWISE_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "float", "to"}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 FLATTEN_TARGETS = {torch.flatten}
 SHAPE_ONLY_METHODS = {"size", "dim"}
@@ -251,14 +252,14 @@ class _GraphBuilder:
         elif isinstance(module, _BatchNorm):
             _check_children(name, module)
             self.add(self.same_space(node, source), "norm", name)
-        elif isinstance(module, ZERO_PRESERVING_MODULES):
+        elif isinstance(module, CHANNELWISE_MODULES):
             self.same_space(node, source)
         elif isinstance(module, nn.Flatten):
             self.visit_flatten(node, source, f"layer {name!r}")
         else:
             raise UnsupportedModelError(
                 f"cannot prune through layer {name!r} ({type(module).__name__}): its effect on channels is "
-                "unknown. Supported: Conv2d, Linear, BatchNorm, element-wise activations that map 0 to 0, "
+                "unknown. Supported: Conv2d, Linear, BatchNorm, element-wise activations, "
                 "pooling, Flatten, residual additions"
             )
 
@@ -310,7 +311,9 @@ class _GraphBuilder:
 
     def visit_flatten(self, node: fx.Node, source: fx.Node, where: str) -> None:
         in_shape, out_shape = _shape(source), _shape(node)
-        if in_shape is not None and out_shape is not None and len(out_shape) == 2 and out_shape[1] == in_shape[1]:
+        # Only a 1x1 map flattens to its channels. A larger map read with view(-1, C) mixes them.
+        one_by_one = in_shape is not None and math.prod(in_shape[2:]) == 1
+        if one_by_one and out_shape is not None and len(out_shape) == 2 and out_shape[1] == in_shape[1]:
             self.same_space(node, source)
             return
         space = self.new_space(node)
@@ -329,7 +332,7 @@ class _GraphBuilder:
             self.fix(self.new_space(node), f"tensor created at {where}")
         elif target in ADD_TARGETS or (node.op == "call_method" and target in ("add", "add_")):
             self.visit_add(node, inputs, where)
-        elif target in ZERO_PRESERVING_FUNCTIONS or (node.op == "call_method" and target in ZERO_PRESERVING_METHODS):
+        elif target in CHANNELWISE_FUNCTIONS or (node.op == "call_method" and target in CHANNELWISE_METHODS):
             self.same_space(node, inputs[0])
         elif target in FLATTEN_TARGETS or (node.op == "call_method" and target in ("flatten", "view", "reshape")):
             self.visit_flatten(node, inputs[0], where)
@@ -342,7 +345,7 @@ class _GraphBuilder:
         else:
             raise UnsupportedModelError(
                 f"cannot prune through {where}: its effect on channels is unknown. Supported operations: "
-                "residual additions, activations that map 0 to 0, pooling, flatten, mean over spatial "
+                "residual additions, element-wise activations, pooling, flatten, mean over spatial "
                 "dimensions, spatial indexing and padding"
             )
 
@@ -484,17 +487,18 @@ def _tensor_args(arguments, space_of: dict[fx.Node, int]) -> list[fx.Node]:
 
 
 def _has_parameters(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+    # Recursive, because a parametrized layer (weight_norm) keeps its weights in a child.
+    return any(True for _ in module.parameters())
 
 
 def _check_children(name: str, module: nn.Module) -> None:
-    # timm's BatchNormAct2d runs dropout and an activation inside the BatchNorm; they
-    # must map zero to zero like any other activation between gate and consumer.
+    # timm's BatchNormAct2d runs dropout and an activation inside the BatchNorm, and they
+    # must keep channels one-to-one like any other activation.
     for child_name, child in module.named_children():
-        if not isinstance(child, ZERO_PRESERVING_MODULES):
+        if not isinstance(child, CHANNELWISE_MODULES):
             raise UnsupportedModelError(
                 f"cannot prune through layer {name!r} ({type(module).__name__}): its part {child_name!r} "
-                f"({type(child).__name__}) is not an activation that maps 0 to 0"
+                f"({type(child).__name__}) is not an element-wise activation"
             )
 
 

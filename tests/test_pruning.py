@@ -348,3 +348,40 @@ def test_unsupported_layer_is_named() -> None:
 def test_unsupported_operation_is_named() -> None:
     with pytest.raises(UnsupportedModelError, match="'sigmoid'"):
         build_channel_graph(_Sigmoid(), torch.zeros(1, 3, 8, 8))
+
+
+class _SpatialView(nn.Module):
+    """Reads a feature map as rows of 8 values with view(-1, 8), which mixes channels with positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.relu(self.conv(x)).view(-1, 8)
+        return self.head(rows).view(x.shape[0], -1).mean(1)
+
+
+class _SharedWeightNormConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.shared = nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 1, bias=False))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(self.shared(self.stem(x))).mean((2, 3)))
+
+
+def test_view_of_spatial_map_is_not_pruned() -> None:
+    graph = build_channel_graph(_SpatialView(), torch.zeros(1, 3, 8, 8))
+
+    conv_group = next(group for group in graph.groups if "conv" in group.producers)
+    assert not conv_group.prunable
+    assert "flatten of a spatial map" in conv_group.fixed_reason
+
+
+def test_parametrized_layer_called_twice_is_rejected() -> None:
+    with pytest.raises(UnsupportedModelError, match="'shared'.*called more than once"):
+        build_channel_graph(_SharedWeightNormConv(), torch.zeros(1, 3, 8, 8))
