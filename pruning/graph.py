@@ -360,10 +360,16 @@ class _GraphBuilder:
             self.fix(space, f"addition of a constant at {where}")
 
     def visit_reduction(self, node: fx.Node, source: fx.Node, where: str) -> None:
-        in_shape, out_shape = _shape(source), _shape(node)
-        if in_shape and out_shape and len(out_shape) >= 2 and out_shape[1] == in_shape[1]:
-            self.same_space(node, source)
-            return
+        # Compare the reduced dimensions, not the sizes: a mean over the batch of a map whose
+        # height equals its channel count also leaves that size at dimension 1.
+        in_shape = _shape(source)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if in_shape is not None and dims is not None:
+            dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+            reduced = {int(dim) % len(in_shape) for dim in dims}
+            if not reduced & {0, 1}:
+                self.same_space(node, source)
+                return
         space = self.new_space(node)
         self.fix(space, f"reduction over channels at {where}")
         self.fix(self.space_of[source], f"reduction over channels at {where}")

@@ -385,3 +385,34 @@ def test_view_of_spatial_map_is_not_pruned() -> None:
 def test_parametrized_layer_called_twice_is_rejected() -> None:
     with pytest.raises(UnsupportedModelError, match="'shared'.*called more than once"):
         build_channel_graph(_SharedWeightNormConv(), torch.zeros(1, 3, 8, 8))
+
+
+class _MeanHead(nn.Module):
+    def __init__(self, spatial_mean) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+        self.spatial_mean = spatial_mean
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.spatial_mean(torch.relu(self.conv(x))))
+
+
+@pytest.mark.parametrize(
+    "spatial_mean",
+    [lambda x: x.mean((2, 3)), lambda x: x.mean(dim=-1).mean(-1), lambda x: torch.mean(x, [-2, -1])],
+    ids=["tuple", "last-dims", "torch.mean"],
+)
+def test_spatial_mean_keeps_channels(spatial_mean) -> None:
+    net = _MeanHead(spatial_mean).eval()
+    graph, gates = _gated(net)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gated_output = net(images)
+    masks = gates.keep_masks()
+    gates.detach_from(net)
+    extract_subnetwork(net, graph, masks)
+
+    assert [group.producers for group in graph.prunable_groups] == [["conv"]]
+    with torch.no_grad():
+        assert torch.allclose(net(images), gated_output, atol=1e-5, rtol=0)
