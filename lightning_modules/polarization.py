@@ -67,6 +67,10 @@ class PolarizationModule(ClassifierModule):
             on CIFAR ResNets closes whole high-resolution blocks first. ``"per_gate"`` divides
             each group's gradient by its channel cost (times the mean cost), so every gate is
             pushed alike and the task loss decides which channels close.
+        budget_ramp_fraction: the budget's target reduction grows linearly from 0 to
+            ``flops_reduction`` over this fraction of the training steps, so that the gates
+            choose channels on a network that has already learned something. 0 sets the full
+            target from the first step. At most ``freeze_max_fraction``.
         gate_lr: learning rate of the gate scores (their own param group, without weight decay);
             the learning-rate schedule scales it like the weights' rate.
         gate_init: initial gate score, in (0.5, 1] so that training starts dense.
@@ -97,6 +101,7 @@ class PolarizationModule(ClassifierModule):
         budget_weight: float = 5.0,
         budget_penalty: str = "squared",
         budget_gradient: str = "per_gate",
+        budget_ramp_fraction: float = 0.0,
         gate_lr: float = 0.2,
         gate_init: float = 1.0,
         freeze_stable_epochs: int = 2,
@@ -132,7 +137,13 @@ class PolarizationModule(ClassifierModule):
                 "freeze fractions must satisfy 0 <= freeze_min_fraction <= freeze_max_fraction <= 1, got "
                 f"{freeze_min_fraction} and {freeze_max_fraction}"
             )
+        if not 0.0 <= budget_ramp_fraction <= freeze_max_fraction:
+            raise ValueError(
+                f"budget_ramp_fraction must be in [0, freeze_max_fraction={freeze_max_fraction}] so that the "
+                f"gates see the full target before they freeze, got {budget_ramp_fraction}"
+            )
         self.flops_reduction = flops_reduction
+        self.budget_ramp_fraction = budget_ramp_fraction
         self.polarization_weight = polarization_weight
         self.polarization_t = polarization_t
         self.budget_weight = budget_weight
@@ -220,7 +231,7 @@ class PolarizationModule(ClassifierModule):
         counts = self.gates.kept_counts(straight_through=True, gradient_scale=self.budget_gradient_scale)
         kept_macs = macs_from_counts(self.graph, counts)
         kept_fraction = kept_macs / self.dense_macs
-        excess = kept_fraction - (1.0 - self.flops_reduction)
+        excess = kept_fraction - (1.0 - self.target_reduction())
         if self.budget_penalty == "hinge":
             excess = excess.clamp(min=0.0)
         budget = excess.square()
@@ -232,7 +243,15 @@ class PolarizationModule(ClassifierModule):
         self.log("pruning/budget_penalty", budget, **epoch_options)
         self.log("train/total_loss", loss, **epoch_options)
         self.log("pruning/kept_flops_fraction", kept_fraction.detach(), on_step=True, batch_size=batch_size)
+        self.log("pruning/target_reduction", self.target_reduction(), on_step=True, batch_size=batch_size)
         return loss
+
+    def target_reduction(self) -> float:
+        """Return the FLOPs reduction that the budget penalty pulls towards at the current step."""
+        if self.budget_ramp_fraction <= 0.0 or self._trainer is None:
+            return self.flops_reduction
+        progress = self.trainer.global_step / max(1.0, float(self.trainer.estimated_stepping_batches))
+        return self.flops_reduction * min(1.0, progress / self.budget_ramp_fraction)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_index: int) -> None:
         if self.gates is not None:

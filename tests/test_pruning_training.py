@@ -1,5 +1,6 @@
 """Polarization pruning through the training task on digits: budget, cost counts, outputs, resume."""
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,30 @@ def test_resume_keeps_gate_state(compose_config: ComposeConfig, tmp_path: Path) 
         assert resumed["pruning_freeze_epoch"] == 1
         assert resumed["macs_per_sample"] == uninterrupted["macs_per_sample"]
         assert resumed["test/loss"] == pytest.approx(uninterrupted["test/loss"], rel=1e-5)
+
+
+def test_budget_target_ramps_linearly(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    cfg = compose_config(
+        *SMALL[:2],
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "data.train_subset=512",
+        "module.channels_last=false",
+        "trainer.max_epochs=4",
+        "module.budget_ramp_fraction=0.25",
+    )
+    train(cfg)
+
+    rows = [row for row in _csv_rows(tmp_path) if row.get("pruning/target_reduction")]
+    targets = {int(row["step"]): float(row["pruning/target_reduction"]) for row in rows}
+    # 8 steps per epoch, 32 in all: the target reaches 0.5 at step 8, and the gates freeze at step 16.
+    assert targets[0] == 0.0
+    assert targets[4] == pytest.approx(0.25)
+    assert targets[8] == 0.5
+    assert targets[15] == 0.5
+
+
+def _csv_rows(folder: Path) -> list[dict[str, str]]:
+    path = next(folder.rglob("metrics.csv"))
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
