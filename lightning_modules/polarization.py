@@ -140,7 +140,7 @@ class PolarizationModule(ClassifierModule):
         if not 0.0 <= budget_ramp_fraction <= freeze_max_fraction:
             raise ValueError(
                 f"budget_ramp_fraction must be in [0, freeze_max_fraction={freeze_max_fraction}] so that the "
-                f"gates see the full target before they freeze, got {budget_ramp_fraction}"
+                f"target is complete by the freeze, got {budget_ramp_fraction}; lower it or raise freeze_max_fraction"
             )
         self.flops_reduction = flops_reduction
         self.budget_ramp_fraction = budget_ramp_fraction
@@ -231,7 +231,8 @@ class PolarizationModule(ClassifierModule):
         counts = self.gates.kept_counts(straight_through=True, gradient_scale=self.budget_gradient_scale)
         kept_macs = macs_from_counts(self.graph, counts)
         kept_fraction = kept_macs / self.dense_macs
-        excess = kept_fraction - (1.0 - self.target_reduction())
+        target_reduction = self.target_reduction()
+        excess = kept_fraction - (1.0 - target_reduction)
         if self.budget_penalty == "hinge":
             excess = excess.clamp(min=0.0)
         budget = excess.square()
@@ -243,7 +244,7 @@ class PolarizationModule(ClassifierModule):
         self.log("pruning/budget_penalty", budget, **epoch_options)
         self.log("train/total_loss", loss, **epoch_options)
         self.log("pruning/kept_flops_fraction", kept_fraction.detach(), on_step=True, batch_size=batch_size)
-        self.log("pruning/target_reduction", self.target_reduction(), on_step=True, batch_size=batch_size)
+        self.log("pruning/target_reduction", target_reduction, on_step=True, batch_size=batch_size)
         return loss
 
     def target_reduction(self) -> float:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -243,6 +244,11 @@ class _GraphBuilder:
                 f"layer {name!r} ({type(module).__name__}) is called more than once; "
                 "channel pruning does not support weights shared between call sites"
             )
+        if parametrize.is_parametrized(module):
+            raise UnsupportedModelError(
+                f"layer {name!r} ({type(module).__name__}) has parametrized weights (such as weight_norm), which "
+                "extraction cannot slice; remove them first with torch.nn.utils.parametrize.remove_parametrizations"
+            )
         source = self.single_tensor_input(node, name, module)
 
         if isinstance(module, nn.Conv2d):
@@ -360,8 +366,8 @@ class _GraphBuilder:
             self.fix(space, f"addition of a constant at {where}")
 
     def visit_reduction(self, node: fx.Node, source: fx.Node, where: str) -> None:
-        # Compare the reduced dimensions, not the sizes: a mean over the batch of a map whose
-        # height equals its channel count also leaves that size at dimension 1.
+        # Read the reduced dimensions from the arguments, because sizes can mislead: a batch mean
+        # of a map whose height equals its channel count keeps that size at dimension 1.
         in_shape = _shape(source)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if in_shape is not None and dims is not None:
@@ -493,8 +499,7 @@ def _tensor_args(arguments, space_of: dict[fx.Node, int]) -> list[fx.Node]:
 
 
 def _has_parameters(module: nn.Module) -> bool:
-    # Recursive, because a parametrized layer (weight_norm) keeps its weights in a child.
-    return any(True for _ in module.parameters())
+    return any(True for _ in module.parameters(recurse=False))
 
 
 def _check_children(name: str, module: nn.Module) -> None:

@@ -90,12 +90,11 @@ def test_resume_keeps_gate_state(compose_config: ComposeConfig, tmp_path: Path) 
 
 
 def test_budget_target_ramps_linearly(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    small_with_csv = [option for option in SMALL if option != "logger=none"]
     cfg = compose_config(
-        *SMALL[:2],
+        *small_with_csv,
         "logger=csv",
         "trainer.log_every_n_steps=1",
-        "data.train_subset=512",
-        "module.channels_last=false",
         "trainer.max_epochs=4",
         "module.budget_ramp_fraction=0.25",
     )
