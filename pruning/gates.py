@@ -45,11 +45,13 @@ class ChannelGates(nn.Module):
         if not 0.0 <= init <= 1.0:
             raise ValueError(f"gate init must be in [0, 1], got {init}")
         self.graph = graph
+        # ParameterDict sorts the keys of a plain dict as strings ("11" before "2"), so the
+        # groups go in as pairs, which keep their order for all_scores().
         self.scores = nn.ParameterDict(
-            {
-                str(group.index): nn.Parameter(torch.full((group.channels,), float(init)))
+            [
+                (str(group.index), nn.Parameter(torch.full((group.channels,), float(init))))
                 for group in graph.prunable_groups
-            }
+            ]
         )
         self.hook_ids: dict[str, int] = {}
 
@@ -84,7 +86,7 @@ class ChannelGates(nn.Module):
                 self._register(net)
 
     def all_scores(self) -> torch.Tensor:
-        """Return every score, concatenated in group order (an empty tensor if nothing is prunable)."""
+        """Return every score, concatenated in the order of ``graph.prunable_groups`` (empty if nothing is prunable)."""
         if not len(self.scores):
             return torch.zeros(0)
         return torch.cat([score for score in self.scores.values()])

@@ -122,6 +122,20 @@ def test_closed_gates_get_task_gradient(name: str, kwargs: dict) -> None:
     assert (gradients[closed] != 0).float().mean() > 0.9
 
 
+def test_scores_concatenate_in_group_order() -> None:
+    # ResNet-20's group indices run past 10, where sorting them as strings puts "11" before "2".
+    graph = build_channel_graph(create_model("resnet20", 3, 10), torch.zeros(1, 3, 32, 32))
+    indices = [str(group.index) for group in graph.prunable_groups]
+    assert sorted(indices) != indices
+    gates = ChannelGates(graph)
+    with torch.no_grad():
+        for group in graph.prunable_groups:
+            gates.scores[str(group.index)].fill_(group.index / 100)
+
+    expected = torch.cat([torch.full((group.channels,), group.index / 100) for group in graph.prunable_groups])
+    assert torch.equal(gates.all_scores(), expected)
+
+
 def test_option_a_prunes_only_inside_blocks() -> None:
     graph = build_channel_graph(create_model("resnet20", 3, 10, shortcut="A"), torch.zeros(1, 3, 32, 32))
     prunable = {group.producers[0] for group in graph.prunable_groups}
