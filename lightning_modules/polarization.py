@@ -24,7 +24,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lightning_modules.callbacks.flops import example_input_of
 from lightning_modules.classifier import ClassifierModule, OptimizerFactory
@@ -38,6 +38,7 @@ from pruning import (
     fit_masks_to_budget,
     format_channel_table,
     macs_from_counts,
+    polarization_gradient_on_open,
     polarization_regularizer,
     remap_optimizer_state,
     round_kept_channels,
@@ -175,6 +176,7 @@ class PolarizationModule(ClassifierModule):
         self.stable_epochs = 0
         self.last_masks: dict[int, torch.Tensor] | None = None
         self.score_history: list[tuple[int, torch.Tensor]] = []
+        self.warned_polarization_direction = False
         self._report_callback: PruningReportCallback | None = None
 
     # -- gates -------------------------------------------------------------------------
@@ -276,6 +278,25 @@ class PolarizationModule(ClassifierModule):
         self.score_history.append((self.current_epoch, self.gates.all_scores().detach().cpu().clone()))
         self.log("pruning/flips", float(flips), sync_dist=True)
         self.log("pruning/flops_reduction", 1.0 - self.kept_flops_fraction(), sync_dist=True)
+        self._check_polarization_direction()
+
+    def _check_polarization_direction(self) -> None:
+        scores = self.gates.all_scores().detach()
+        open_gradient = polarization_gradient_on_open(scores, self.polarization_t)
+        if open_gradient is None:
+            return
+        self.log("pruning/polarization_gradient_open", open_gradient, sync_dist=True)
+        if open_gradient <= 0.0 or self.warned_polarization_direction:
+            return
+        above_mean = float((scores > scores.mean()).float().mean())
+        rank_zero_warn(
+            f"[pruning] polarization_t={self.polarization_t} pulls the open gates down towards the threshold "
+            f"(mean dR/ds {open_gradient:+.3f} on open gates), so R(s) does not separate them: with "
+            f"{100 * above_mean:.0f}% of the scores above their mean it does only for t < "
+            f"{2 * (1 - above_mean):.2f}. Lower module.polarization_t (0.5 separates them for any kept fraction "
+            "up to 75%)."
+        )
+        self.warned_polarization_direction = True
 
     def _settled(self) -> bool:
         max_epochs = self.trainer.max_epochs or 1

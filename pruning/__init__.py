@@ -22,6 +22,7 @@ from pruning.gates import (
     dense_macs,
     fit_masks_to_budget,
     macs_from_counts,
+    polarization_gradient_on_open,
     polarization_regularizer,
     round_kept_channels,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "l1_norm_keep_masks",
     "load_pruned",
     "macs_from_counts",
+    "polarization_gradient_on_open",
     "polarization_regularizer",
     "remap_optimizer_state",
     "resize_to_state_dict",

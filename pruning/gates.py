@@ -28,6 +28,22 @@ def polarization_regularizer(scores: torch.Tensor, t: float) -> torch.Tensor:
     return t * scores.abs().sum() - (scores - scores.mean()).abs().sum()
 
 
+def polarization_gradient_on_open(scores: torch.Tensor, t: float) -> float | None:
+    """Return the mean gradient of R(s) over the open gates, or None unless some gates are open and some closed.
+
+    The gradient of R on a gate above the mean of all scores is ``t - 2 * (1 - f)``, ``f``
+    being the fraction of scores above the mean. A positive value means that R pulls the
+    open gates down towards the threshold, where they flip at random, instead of up to 1.
+    Then ``t`` is too large for the fraction of gates kept, and R does not separate them.
+    """
+    scores = scores.detach().double().requires_grad_(True)
+    open_gates = scores.detach() > THRESHOLD
+    if not open_gates.any() or open_gates.all():
+        return None
+    (gradient,) = torch.autograd.grad(polarization_regularizer(scores, t), scores)
+    return float(gradient[open_gates].mean())
+
+
 class ChannelGates(nn.Module):
     """One gate score in [0, 1] per channel of each prunable group of ``graph``.
 

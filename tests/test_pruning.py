@@ -20,6 +20,7 @@ from pruning import (
     l1_norm_keep_masks,
     load_pruned,
     macs_from_counts,
+    polarization_gradient_on_open,
     polarization_regularizer,
     remap_optimizer_state,
     round_kept_channels,
@@ -166,6 +167,20 @@ def test_polarization_regularizer_hand_computed() -> None:
     # mean 0.5; t * sum|s| = 1.2 * 2.0 = 2.4; sum|s - mean| = 0.5 + 0.25 + 0.5 + 0.25 = 1.5.
     assert polarization_regularizer(scores, t=1.2).item() == pytest.approx(0.9)
     assert polarization_regularizer(torch.tensor([1.0, 0.0]), t=1.0).item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(("t", "pulls_down"), [(1.2, True), (0.9, False), (0.5, False)])
+def test_polarization_gradient_on_open_gates(t: float, pulls_down: bool) -> None:
+    # 45 of 100 gates open, all above the mean: R pushes them up only for t < 2 * (1 - 0.45) = 1.1.
+    scores = torch.cat([torch.full((45,), 0.8), torch.zeros(55)])
+    gradient = polarization_gradient_on_open(scores, t)
+    assert gradient == pytest.approx(t - 1.1)
+    assert (gradient > 0) == pulls_down
+
+
+def test_polarization_gradient_needs_both_states() -> None:
+    assert polarization_gradient_on_open(torch.ones(10), 1.2) is None
+    assert polarization_gradient_on_open(torch.zeros(10), 1.2) is None
 
 
 def test_binary_gate_passes_gradient_straight_through() -> None:

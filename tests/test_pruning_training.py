@@ -1,6 +1,7 @@
 """Polarization pruning through the training task on digits: budget, cost counts, outputs, resume."""
 
 import csv
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from omegaconf import open_dict
 
 from lightning_modules.run_summary import format_summary
+from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.training import train
 from pruning import load_pruned
 from tests.conftest import ComposeConfig
@@ -107,6 +109,23 @@ def test_budget_target_ramps_linearly(compose_config: ComposeConfig, tmp_path: P
     assert targets[4] == pytest.approx(0.25)
     assert targets[8] == 0.5
     assert targets[15] == 0.5
+
+
+@pytest.mark.parametrize(("t", "warns"), [(1.2, True), (0.5, False)])
+def test_warns_when_open_gates_pulled_down(compose_config: ComposeConfig, t: float, warns: bool) -> None:
+    cfg = compose_config(*SMALL, f"module.polarization_t={t}")
+    net = instantiate_user_object(cfg.model, in_channels=1, num_classes=10)
+    module = instantiate_user_object(cfg.module, net=net, num_classes=10)
+    module.build_gates(torch.zeros(2, 1, 8, 8))
+    with torch.no_grad():
+        for score in module.gates.scores.values():
+            score.copy_((torch.arange(len(score)) % 2).float())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module._check_polarization_direction()
+    messages = [str(warning.message) for warning in caught if "polarization_t" in str(warning.message)]
+    assert len(messages) == int(warns)
 
 
 def _csv_rows(folder: Path) -> list[dict[str, str]]:
