@@ -59,7 +59,9 @@ class PolarizationModule(ClassifierModule):
     Args (besides those of :class:`ClassifierModule`):
         flops_reduction: fraction of the network's MACs (conv and linear) to remove, in [0, 1).
         polarization_weight: weight of the polarization regularizer R(s) (a sum over all gates).
-        polarization_t: ``t`` of R(s); larger values close more gates.
+        polarization_t: ``t`` of R(s). R separates open from closed gates only while
+            ``t < 2 * (1 - f)``, ``f`` being the fraction of scores above their mean; a warning
+            says when it does not (:func:`pruning.polarization_gradient_on_open`).
         budget_weight: weight of the budget penalty on the kept FLOPs fraction.
         budget_penalty: ``"squared"`` pulls the kept fraction to the target from both sides,
             ``"hinge"`` only penalises keeping more than the target.
@@ -97,8 +99,8 @@ class PolarizationModule(ClassifierModule):
         scheduler: dict[str, Any],
         num_classes: int,
         flops_reduction: float = 0.5,
-        polarization_weight: float = 5e-4,
-        polarization_t: float = 1.2,
+        polarization_weight: float = 1e-3,
+        polarization_t: float = 0.5,
         budget_weight: float = 5.0,
         budget_penalty: str = "squared",
         budget_gradient: str = "per_gate",
