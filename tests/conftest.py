@@ -27,20 +27,37 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(os.environ.get("LEANLIGHT_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
+def compose_train_config(output_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
+    """Compose ``configs/train.yaml`` with ``overrides``, writing into ``output_dir``.
+
+    The config is also set as the current Hydra config, which ``train`` reads for the run folder.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(Path(output_dir) / "logs")
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+def compose_sample_config(*overrides: str) -> DictConfig:
+    """Compose ``configs/sample.yaml`` with ``overrides``; pass ``output_dir`` so no Hydra run folder is needed."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="sample", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
 @pytest.fixture
 def compose_config(tmp_path: Path, cache_dir: Path) -> ComposeConfig:
     """Return a function that composes ``configs/train.yaml`` with overrides, writing into ``tmp_path``."""
 
     def compose_with(*overrides: str) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose(config_name="train", return_hydra_config=True, overrides=list(overrides))
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path)
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.paths.cache_dir = str(cache_dir)
-        return cfg
+        return compose_train_config(tmp_path, cache_dir, *overrides)
 
-    yield compose_with
-    GlobalHydra.instance().clear()
+    return compose_with

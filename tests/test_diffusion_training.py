@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 from lightning_modules.diffusion import (
     CHECKPOINT_KEY,
@@ -27,7 +25,7 @@ from lightning_modules.diffusion import (
 from lightning_modules.training import train
 from models import create_model
 from models.unet import group_norm
-from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
+from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig, compose_sample_config
 
 # Parameter counts of the CIFAR-10 UNets as SlimFlow (Zhu et al., ECCV 2024) reports them.
 SLIMFLOW_PARAMETERS = {
@@ -327,15 +325,6 @@ def test_unet_output_mean_follows_input_mean() -> None:
         responses[min_group_channels] = change.mean(dim=(2, 3)).abs().mean().item()
 
     assert responses[4] > 5 * responses[1]
-
-
-def compose_sample_config(*overrides: str) -> DictConfig:
-    """Compose ``configs/sample.yaml`` with ``overrides``; pass ``output_dir`` so no Hydra run folder is needed."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="sample", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def test_sample_script_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> None:

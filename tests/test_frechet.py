@@ -9,10 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from diffusion import frechet
@@ -31,7 +27,7 @@ from diffusion.frechet import (
 )
 from lightning_modules.training import train
 from models import create_model
-from tests.conftest import ROOT
+from tests.conftest import compose_sample_config, compose_train_config
 
 METHODS = ("sqrtm", "eigh")
 CIFAR_MEAN = (0.49, 0.48, 0.45)
@@ -198,7 +194,6 @@ def test_features_reject_channel_mismatch() -> None:
 def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train a digits ResNet-20 with train.py for two batches; return its run folder."""
     run_dir = tmp_path_factory.mktemp("classifier")
-    GlobalHydra.instance().clear()
     overrides = [
         "module=classifier",
         "model=resnet20",
@@ -209,15 +204,7 @@ def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "trainer.limit_val_batches=1",
         "test=false",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir / "run")
-        cfg.paths.log_dir = str(run_dir / "logs")
-        cfg.paths.cache_dir = str(run_dir / "cache")
-    train(cfg)
-    GlobalHydra.instance().clear()
+    train(compose_train_config(run_dir / "run", run_dir / "cache", *overrides))
     return run_dir / "run"
 
 
@@ -398,7 +385,6 @@ def test_inception_missing_file_names_path(no_network: None, monkeypatch: pytest
 def ddpm_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train a digits DDPM with train.py for two batches; return its run folder."""
     run_dir = tmp_path_factory.mktemp("ddpm")
-    GlobalHydra.instance().clear()
     overrides = [
         "experiment=ddpm_digits",
         "logger=none",
@@ -409,30 +395,14 @@ def ddpm_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "test=false",
         "module.sampling.every_n_epochs=0",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir / "run")
-        cfg.paths.log_dir = str(run_dir / "logs")
-        cfg.paths.cache_dir = str(run_dir / "cache")
-    train(cfg)
-    GlobalHydra.instance().clear()
+    train(compose_train_config(run_dir / "run", run_dir / "cache", *overrides))
     return run_dir / "run"
-
-
-def compose_sample(*overrides: str) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="sample", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 def test_sample_script_reports_frechet(ddpm_digits_run: Path, classifier_run: Path, tmp_path: Path) -> None:
     import sample
 
-    cfg = compose_sample(
+    cfg = compose_sample_config(
         f"ckpt_path={ddpm_digits_run}",
         f"output_dir={tmp_path / 'samples'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
@@ -461,9 +431,9 @@ def test_sample_script_checks_frechet_first(
     common = (f"ckpt_path={ddpm_digits_run}", f"output_dir={tmp_path / 'samples'}")
 
     with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE):
-        sample.run_sampling(compose_sample(*common, "metrics.frechet=inception"))
+        sample.run_sampling(compose_sample_config(*common, "metrics.frechet=inception"))
     with pytest.raises(ValueError, match="needs metrics.feature_checkpoint"):
-        sample.run_sampling(compose_sample(*common, "metrics.frechet=resnet20"))
+        sample.run_sampling(compose_sample_config(*common, "metrics.frechet=resnet20"))
     # Neither error comes after sampling, so no samples were written.
     assert not (tmp_path / "samples").exists()
 
@@ -471,7 +441,7 @@ def test_sample_script_checks_frechet_first(
 def test_sample_script_without_frechet(ddpm_digits_run: Path, tmp_path: Path) -> None:
     import sample
 
-    cfg = compose_sample(f"ckpt_path={ddpm_digits_run}", f"output_dir={tmp_path / 'samples'}", "num_steps=2")
+    cfg = compose_sample_config(f"ckpt_path={ddpm_digits_run}", f"output_dir={tmp_path / 'samples'}", "num_steps=2")
 
     report = sample.run_sampling(cfg)
 

@@ -6,9 +6,6 @@ from typing import Any
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from lightning_modules.iir_snn import IIRSNNPipeline, load_ann_weights
@@ -16,7 +13,7 @@ from lightning_modules.pipeline import STATE_FILE, PipelineState, load_stage_wei
 from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.training import train
 from snn import convert_vgg_to_snn, measure_spike_statistics
-from tests.conftest import ROOT
+from tests.conftest import compose_train_config
 
 # A pipeline small enough for seconds on one thread: 128 training images (2 batches),
 # one ANN epoch, two epochs at each of T=2 and T=1, 2 test batches.
@@ -33,6 +30,7 @@ PIPELINE = (
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=2",
 )
+
 STAGES = ["ann", "convert", "T2", "T1"]
 TEST_BATCHES = 2
 
@@ -66,16 +64,7 @@ class RecordEpochs(L.Callback):
 
 def compose_pipeline(output_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
     """Compose configs/train.yaml with the small pipeline's overrides, writing into ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[*PIPELINE, *overrides])
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir / "logs")
-        cfg.paths.cache_dir = str(cache_dir)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_train_config(output_dir, cache_dir, *PIPELINE, *overrides)
 
 
 def read_stage_table(folder: Path) -> list[dict[str, Any]]:

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 from diffusion import make_schedule, make_timesteps, prediction_target
 from diffusion.oms import (
@@ -33,7 +31,7 @@ from lightning_modules.diffusion import SamplerSettings, build_sampler, generate
 from lightning_modules.oms import OMSModule
 from lightning_modules.training import train
 from models import create_model
-from tests.conftest import ROOT, ComposeConfig
+from tests.conftest import ComposeConfig, compose_sample_config
 
 # Small enough that one run of an experiment takes seconds.
 QUICK = ("trainer.accelerator=cpu", "logger=none")
@@ -55,14 +53,6 @@ def randomize_weights(network: OMSNetwork, seed: int = 0) -> OMSNetwork:
         for parameter in network.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return network
-
-
-def compose_sample_config(*overrides: str) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="sample", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,9 +9,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from diffusion.rectified_flow import (
@@ -42,7 +39,7 @@ from lightning_modules.slimflow import CHECKPOINT_KEY as FLOW_CHECKPOINT_KEY
 from lightning_modules.slimflow import RectifiedFlowModule, load_flow_model, save_flow_checkpoint
 from lightning_modules.training import train
 from models import create_model
-from tests.conftest import ROOT
+from tests.conftest import compose_sample_config, compose_train_config
 
 # ---------------------------------------------------------------------------------------
 # Toy networks
@@ -396,16 +393,7 @@ class RecordRoles(L.Callback):
 
 def compose_pipeline(output_dir: Path, cache_dir: Path, *overrides: str) -> DictConfig:
     """Compose configs/train.yaml with the small pipeline's overrides, writing into ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[*PIPELINE, *overrides])
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir / "logs")
-        cfg.paths.cache_dir = str(cache_dir)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_train_config(output_dir, cache_dir, *PIPELINE, *overrides)
 
 
 def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path) -> None:
@@ -457,21 +445,15 @@ def run_flow_sample(checkpoint: Path, output_dir: Path) -> dict[str, Any]:
     """Run sample.py's ``run_sampling`` with ``sampler=flow`` and one Euler step on ``checkpoint``."""
     import sample
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            config_name="sample",
-            overrides=[
-                f"ckpt_path={checkpoint}",
-                "sampler=flow",
-                "num_steps=1",
-                "num_samples=6",
-                "batch_size=4",
-                "device=cpu",
-                f"output_dir={output_dir}",
-            ],
-        )
-    GlobalHydra.instance().clear()
+    cfg = compose_sample_config(
+        f"ckpt_path={checkpoint}",
+        "sampler=flow",
+        "num_steps=1",
+        "num_samples=6",
+        "batch_size=4",
+        "device=cpu",
+        f"output_dir={output_dir}",
+    )
     return sample.run_sampling(cfg)
 
 
