@@ -237,6 +237,35 @@ def test_threshold_and_leak_receive_gradients(trained_vgg, digits) -> None:
         assert node.leak.grad != 0, f"zero leak gradient in {name}"
 
 
+def test_threshold_and_leak_gradients_by_hand() -> None:
+    # Currents 1.2 then 0.5, threshold 1, leak 0.9, loss = number of spikes. Timestep 1:
+    # u = 1.2 fires (x = u / threshold - 1 = 0.2, surrogate 0.3 * 0.8 = 0.24), and the reset
+    # leaves 0.2, whose derivative by the threshold is -1. Timestep 2: u = 0.9 * 0.2 + 0.5 =
+    # 0.68 does not fire (x = -0.32, surrogate 0.204).
+    #   dL/dthreshold = 0.24 * (-1.2) + 0.204 * (0.9 * (-1) - 0.68) = -0.288 - 0.32232
+    #   dL/dleak      = 0.204 * 0.2 (the potential the leak multiplies)
+    node = IIRLIFNode(threshold=1.0, leak=0.9)
+    spikes = node(torch.tensor([[1.2], [0.5]]))
+    spikes.sum().backward()
+
+    assert spikes.flatten().tolist() == [1.0, 0.0]
+    assert node.threshold.grad.item() == pytest.approx(-0.288 - 0.32232)
+    assert node.leak.grad.item() == pytest.approx(0.204 * 0.2)
+
+
+def test_module_clamps_leak_after_step() -> None:
+    network = _two_layer_network()
+    module = SpikingClassifierModule(network, partial(torch.optim.SGD, lr=1.0), {"name": "none"}, num_classes=3)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10, num_training_batches=10, accumulate_grad_batches=1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    for _, node in spiking_neurons(network):
+        node.leak.grad = torch.tensor(-0.5)  # A step of +0.5 would take the leak to 1.5.
+
+    optimizer.step()
+
+    assert [node.leak.item() for _, node in spiking_neurons(network)] == [1.0, 1.0]
+
+
 def test_leak_clamp_after_optimizer_step() -> None:
     network = _two_layer_network()
     unclamped = copy.deepcopy(network)
