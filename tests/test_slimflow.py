@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,7 @@ from diffusion.rectified_flow import (
     network_velocity,
     rectified_flow_loss,
     rk45_sample,
+    sample_flow,
     sample_time,
 )
 from diffusion.reflow_pairs import ReflowPairDataset, generate_reflow_pairs, read_shard, shard_seed
@@ -153,6 +155,27 @@ def test_pairs_same_seed_are_identical(tmp_path: Path) -> None:
     assert [shard["seed"] for shard in manifest["shards"]] == expected_seeds
 
 
+def test_pairs_from_ode_solve_repeat(tmp_path: Path) -> None:
+    # The pipeline's teacher map: an adaptive RK45 solve through a (randomly perturbed) UNet.
+    torch.manual_seed(0)
+    teacher = create_model("unet", 1, 10, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    velocity = network_velocity(teacher.eval())
+
+    def teacher_map(z0: torch.Tensor) -> torch.Tensor:
+        return sample_flow(velocity, z0, "rk45", rtol=1e-3, atol=1e-3)[0]
+
+    for name in ("a", "b"):
+        generate_reflow_pairs(teacher_map, tmp_path / name, 4, 2, (1, 8, 8), base_seed=3, batch_size=1)
+    first, second = ReflowPairDataset(tmp_path / "a"), ReflowPairDataset(tmp_path / "b")
+
+    assert torch.equal(first.z0, second.z0)
+    assert torch.equal(first.x1, second.x1)
+    assert (first.x1 - first.z0).abs().mean() > 0.01
+
+
 def test_neighbouring_seeds_share_no_pairs(tmp_path: Path) -> None:
     # With seed = base_seed + index, the sets of base seeds 7 and 8 shared two of three shards.
     shape = (1, 4, 4)
@@ -268,6 +291,31 @@ def test_joint_flip_keeps_pairs_aligned() -> None:
     assert 5 < sum(torch.equal(noise, z0.flip(-1)) for _, noise in flipped) < 35
     assert torch.equal(joint_horizontal_flip(x1, z0, 0.0, generator)[1], z0)
     assert torch.equal(joint_horizontal_flip(x1, z0, 1.0, generator)[1], z0.flip(-1))
+
+
+def test_module_anneals_pair_noise() -> None:
+    # Linear annealing over 4 steps: beta is 1 at step 0, 0.5 at step 2 and 0 from step 4 on.
+    net = create_model("unet", 1, 10, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1)
+    module = RectifiedFlowModule(net, optimizer=torch.optim.Adam, anneal_steps=4, beta_schedule="linear")
+    module.log = lambda *args, **kwargs: None  # Lightning's log warns on every call without a trainer.
+    torch.manual_seed(0)
+    z0, x1 = torch.randn(64, 1, 8, 8), torch.randn(64, 1, 8, 8)
+
+    def noise_at(step: int, training: bool = True) -> torch.Tensor:
+        module.trainer = SimpleNamespace(global_step=step)
+        noise, images = module.pair_batch((z0, x1), None, training)
+        assert torch.equal(images, x1)
+        return noise
+
+    # beta 1: the pair's noise is replaced by fresh noise, uncorrelated with it.
+    assert (noise_at(0) * z0).mean().abs() < 0.1
+    # beta 0.5: sqrt(1 - 0.25) z0 plus fresh noise of standard deviation 0.5.
+    fresh = noise_at(2) - math.sqrt(0.75) * z0
+    assert fresh.std().item() == pytest.approx(0.5, abs=0.03)
+    assert (fresh * z0).mean().abs() < 0.05
+    # beta 0: the exact pair, and validation never anneals.
+    assert torch.equal(noise_at(4), z0)
+    assert torch.equal(noise_at(0, training=False), z0)
 
 
 def test_unknown_beta_schedule_rejected() -> None:
