@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from spikingjelly.activation_based import layer
+from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpCounter
 
 from lightning_modules.callbacks.energy import estimate_inference_energy, operation_counts_of
 from lightning_modules.callbacks.flops import count_forward_cost
@@ -383,6 +384,30 @@ def test_ann_macs_match_flop_counter(trained_vgg, digits) -> None:
     network = convert_vgg_to_snn(trained_vgg, train_images[:64], timesteps=2)
     stats = measure_spike_statistics(network, [(test_images[:8], None)])
     assert stats.ann_macs == count_forward_cost(trained_vgg, test_images[:1]).macs
+
+
+def test_accumulates_match_spikingjelly_synop_counter(trained_vgg, digits) -> None:
+    train_images, _, test_images, _ = digits
+    network = convert_vgg_to_snn(trained_vgg, train_images[:64], timesteps=3).eval()
+    images = test_images[:16]
+    stats = measure_spike_statistics(network, [images])
+    counter = SynOpCounter()
+    with torch.no_grad(), DispatchCounterMode([counter]):
+        network(images)
+    spikingjelly_counts = {
+        scope.removeprefix("SpikingNetwork."): sum(counts.values()) / len(images)
+        for scope, counts in counter.records.items()
+    }
+
+    hidden = [cost for cost in stats.synaptic_layers if cost.input_kind == "spikes" and cost.name != "readout"]
+    assert len(hidden) >= 2
+    for cost in hidden:
+        assert cost.accumulates > 0
+        assert cost.accumulates == spikingjelly_counts[cost.name], cost.name
+    # SynOpCounter counts no operations where the input is not binary: the analog image into the
+    # first layer, and the readout's linear layer, which receives pooled spikes. stats.py counts
+    # the readout as num_classes accumulates per incoming spike.
+    assert spikingjelly_counts["encoder"] == 0
 
 
 def test_statistics_stop_after_max_batches() -> None:
