@@ -1,7 +1,9 @@
 """The plain image classifier: the dense baseline every technique is compared with."""
 
+import logging
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +15,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.callbacks.flops import example_input_from_datamodule
 from lightning_modules.schedules import build_scheduler
+from lightning_modules.setup_run import resolve_checkpoint_path
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 
@@ -31,6 +36,32 @@ def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
             "set module.scheduler.name=none or use a map-style dataset"
         )
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def load_classifier_weights(net: nn.Module, path: str | Path) -> None:
+    """Load network weights into ``net`` from a checkpoint of :class:`ClassifierModule`, a run folder or a state dict.
+
+    A run folder stands for its ``checkpoints/last.ckpt``. The file is read weights-only, so
+    loading it runs no code from it.
+    """
+    resolved = resolve_checkpoint_path(str(path))
+    checkpoint = torch.load(resolved, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{resolved} does not contain a state dict but a {type(checkpoint).__name__}; pass a run folder or "
+            ".ckpt file of a module=classifier run, or a file saved with torch.save(net.state_dict())"
+        )
+    state = checkpoint.get("state_dict", checkpoint)
+
+    # ClassifierModule keeps the network as its "net" attribute.
+    prefixed = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
+    try:
+        net.load_state_dict(prefixed or state)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the weights in {resolved} do not fit the model of this run ({type(net).__name__}): {error}. "
+            "Set model= to the architecture the checkpoint was trained with"
+        ) from None
 
 
 def scheduled_optimizer(
@@ -65,6 +96,10 @@ class ClassifierModule(LightningModule):
             faster for convolutions on CPUs and on GPUs with tensor cores.
         decay_norm_and_bias: apply the optimizer's weight decay to BatchNorm parameters
             and biases too (He et al. and most CIFAR recipes do); false exempts them.
+        init_checkpoint: start training from the network weights of this checkpoint (see
+            :func:`load_classifier_weights`), for example a dense network to prune or fine-tune.
+            The optimizer, schedule and epoch count start fresh. A resumed run restores its own
+            weights over them.
     """
 
     def __init__(
@@ -76,6 +111,7 @@ class ClassifierModule(LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         decay_norm_and_bias: bool = True,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -87,6 +123,7 @@ class ClassifierModule(LightningModule):
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
         self.decay_norm_and_bias = decay_norm_and_bias
+        self.init_checkpoint = init_checkpoint
 
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -110,6 +147,11 @@ class ClassifierModule(LightningModule):
         example = example_input_from_datamodule(getattr(self.trainer, "datamodule", None))
         if example is not None:
             self.example_input_array = example
+
+        # Lightning restores a resumed run's checkpoint after setup, so it overwrites these weights.
+        if stage == "fit" and self.init_checkpoint:
+            load_classifier_weights(self.net, self.init_checkpoint)
+            log.info("network weights loaded from module.init_checkpoint=%s", self.init_checkpoint)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch

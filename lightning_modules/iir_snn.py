@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.callbacks.flops import count_forward_cost
-from lightning_modules.classifier import ClassifierModule
+from lightning_modules.classifier import ClassifierModule, load_classifier_weights
 from lightning_modules.iir_snn_report import (
     format_stage_table,
     plot_accuracy_and_energy,
@@ -115,7 +115,7 @@ class IIRSNNPipeline(Pipeline):
         given_checkpoint = self.options.get("ann_checkpoint")
         if given_checkpoint:
             path = Path(resolve_checkpoint_path(given_checkpoint))
-            load_ann_weights(net, path)
+            load_classifier_weights(net, path)
             summary = run_lightning_stage(context, module, self.datamodule, fit=False)
             summary["ann_checkpoint"] = str(path)
         else:
@@ -235,7 +235,7 @@ class IIRSNNPipeline(Pipeline):
     def trained_ann(self) -> nn.Module:
         """Return the ANN with the weights of the finished ``ann`` stage, in eval mode."""
         net = self.build_ann()
-        load_ann_weights(net, self.stage_checkpoint("ann"))
+        load_classifier_weights(net, self.stage_checkpoint("ann"))
         return net.eval()
 
     def spiking_network_skeleton(self, timesteps: int) -> SpikingNetwork:
@@ -298,20 +298,6 @@ class IIRSNNPipeline(Pipeline):
 def stage_name(timesteps: int) -> str:
     """Return the name of the spiking stage at T=``timesteps``, such as ``T5``."""
     return f"T{timesteps}"
-
-
-def load_ann_weights(net: nn.Module, path: Path) -> None:
-    """Load ANN weights from a stage checkpoint, a Lightning checkpoint of ClassifierModule or a plain state dict."""
-    state = load_stage_weights(path)
-    # ClassifierModule keeps the network as its "net" attribute.
-    prefixed = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
-    try:
-        net.load_state_dict(prefixed or state)
-    except RuntimeError as error:
-        raise ValueError(
-            f"the weights in {path} do not fit the model of this run ({type(net).__name__}): {error}. "
-            "Set model= to the architecture the checkpoint was trained with"
-        ) from None
 
 
 def _validate_timesteps(timesteps: Any) -> list[int]:

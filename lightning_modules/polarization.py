@@ -90,6 +90,8 @@ class PolarizationModule(ClassifierModule):
             of them), chosen by gate score, within the budget; CPU and GPU kernels run odd
             widths slower than their FLOPs suggest. 1 keeps any width.
         save_model: save the extracted network as ``<run folder>/pruning/pruned_model.pt``.
+        init_checkpoint: a trained dense network to start from, in place of random weights
+            (see :class:`ClassifierModule`). Its weights load before the gates are built.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class PolarizationModule(ClassifierModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         decay_norm_and_bias: bool = True,
+        init_checkpoint: str | None = None,
     ) -> None:
         super().__init__(
             net,
@@ -126,6 +129,7 @@ class PolarizationModule(ClassifierModule):
             label_smoothing=label_smoothing,
             channels_last=channels_last,
             decay_norm_and_bias=decay_norm_and_bias,
+            init_checkpoint=init_checkpoint,
         )
         if not 0.0 <= flops_reduction < 1.0:
             raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")

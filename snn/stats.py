@@ -13,9 +13,10 @@ Energy is estimated from operation counts with the 45 nm figures of Horowitz,
   counted as ``torch.utils.flop_counter`` does (padded positions included).
 
 The spike counts are exact per spike, so a spike at an image border counts only the
-synapses inside the image. For the hidden layers they equal SpikingJelly's
-``op_counter.SynOpCounter``, which counts nothing for the readout, whose input is pooled. The literature's ``spike_rate * MACs * T`` counts padded
-positions too, so it gives slightly more accumulates for the same spikes.
+synapses inside the image. The literature's ``spike_rate * MACs * T`` counts padded
+positions too, so it gives slightly more accumulates for the same spikes. For the hidden
+layers the counts equal SpikingJelly's ``op_counter.SynOpCounter``, which counts nothing
+for the readout, whose input is pooled.
 """
 
 from collections.abc import Iterable

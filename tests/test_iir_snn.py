@@ -8,7 +8,8 @@ import lightning as L
 import pytest
 from omegaconf import DictConfig, open_dict
 
-from lightning_modules.iir_snn import IIRSNNPipeline, load_ann_weights
+from lightning_modules.classifier import load_classifier_weights
+from lightning_modules.iir_snn import IIRSNNPipeline
 from lightning_modules.pipeline import STATE_FILE, PipelineState, load_stage_weights
 from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.training import train
@@ -141,7 +142,7 @@ def test_reported_energy_matches_spike_statistics(uninterrupted: dict[str, Any],
     cfg = compose_pipeline(folder / "measure", cache_dir)
     datamodule = instantiate_user_object(cfg.data)
     ann = instantiate_user_object(cfg.model, in_channels=datamodule.in_channels, num_classes=datamodule.num_classes)
-    load_ann_weights(ann, folder / "stages" / "ann" / "weights.pt")
+    load_classifier_weights(ann, folder / "stages" / "ann" / "weights.pt")
     images, _ = next(iter(datamodule.test_dataloader()))
     network = convert_vgg_to_snn(ann.eval(), images, timesteps=1, output_reduction="sum")
     state = load_stage_weights(folder / "stages" / "T1" / "weights.pt")

@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
@@ -232,3 +233,35 @@ def test_checkpoint_keeps_settle_count(compose_config: ComposeConfig) -> None:
     for index, mask in module.last_masks.items():
         assert torch.equal(restored.last_masks[index], mask)
     assert [epoch for epoch, _ in restored.score_history] == [0, 1, 2]
+
+
+# The network's weights as each fit started, in order.
+FIT_START_WEIGHTS: list[dict[str, torch.Tensor]] = []
+
+
+class RecordFitStartWeights(L.Callback):
+    """Append a copy of the network's weights to ``FIT_START_WEIGHTS`` when fit starts."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        FIT_START_WEIGHTS.append({key: value.clone() for key, value in pl_module.net.state_dict().items()})
+
+
+def test_pruning_starts_from_dense_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    dense_cfg = compose_config("module=classifier", "trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=1")
+    with open_dict(dense_cfg):
+        dense_cfg.paths.output_dir = str(tmp_path / "dense")
+    train(dense_cfg)
+    dense = torch.load(tmp_path / "dense" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    cfg = compose_config(*SMALL, "trainer.fast_dev_run=true", f"module.init_checkpoint={tmp_path / 'dense'}")
+    with open_dict(cfg):
+        cfg.callbacks.record = {"_target_": f"{__name__}.RecordFitStartWeights"}
+    FIT_START_WEIGHTS.clear()
+    train(cfg)
+
+    assert len(FIT_START_WEIGHTS) == 1
+    started = FIT_START_WEIGHTS[0]
+    weights = [key for key in dense if key.startswith("net.")]
+    assert weights
+    for key in weights:
+        assert torch.equal(started[key.removeprefix("net.")], dense[key]), key
