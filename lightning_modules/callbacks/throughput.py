@@ -34,13 +34,20 @@ class ThroughputCallback(L.Callback):
     def __init__(self) -> None:
         self.train_rates: list[float] = []
         self.test_rate: float | None = None
-        self._start = 0.0
+        self._start: float | None = None
         self._samples = 0
         self._elapsed = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._samples = 0
-        self._start = time.perf_counter()
+        self._start_timer()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_index: int
+    ) -> None:
+        # Lightning skips on_train_epoch_start when a run resumes in the middle of an epoch,
+        # so the rest of that epoch is timed from its first batch.
+        if self._start is None:
+            self._start_timer()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_index: int
@@ -49,6 +56,7 @@ class ThroughputCallback(L.Callback):
         self._elapsed = time.perf_counter() - self._start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = None
         # Every rank joins the reduction, even one that timed nothing, so it cannot hang.
         local_rate = self._samples / self._elapsed if self._samples and self._elapsed > 0 else 0.0
         rate = _sum_over_ranks(trainer, local_rate)
@@ -59,8 +67,7 @@ class ThroughputCallback(L.Callback):
         pl_module.log("throughput/train_samples_per_sec", rate, on_epoch=True, sync_dist=True)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._samples = 0
-        self._start = time.perf_counter()
+        self._start_timer()
 
     def on_test_batch_end(
         self,
@@ -75,11 +82,17 @@ class ThroughputCallback(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = time.perf_counter() - self._start
+        self._start = None
         local_rate = self._samples / elapsed if self._samples and elapsed > 0 else 0.0
         rate = _sum_over_ranks(trainer, local_rate)
         if rate > 0:
             self.test_rate = rate
             pl_module.log("throughput/test_samples_per_sec", rate, sync_dist=True)
+
+    def _start_timer(self) -> None:
+        self._samples = 0
+        self._elapsed = 0.0
+        self._start = time.perf_counter()
 
     def summary(self) -> dict[str, Any]:
         """Return the median training throughput over epochs and the test throughput."""
