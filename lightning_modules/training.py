@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -137,6 +138,8 @@ def _log_pipeline_resume(cfg: DictConfig) -> None:
 def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     """Return the checkpoint to test, or ``None`` for the weights in memory after training."""
     if not cfg.get("train", True):
+        if cfg.get("test_weights", "last") == "best":
+            return best_checkpoint_of_run(cfg.ckpt_path)
         return resolve_lightning_checkpoint(cfg.ckpt_path)
     if cfg.get("test_weights", "last") == "last":
         return None
@@ -146,6 +149,35 @@ def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
         log.warning("test_weights=best but no best checkpoint was saved; testing the final weights")
         return None
     return checkpoint.best_model_path
+
+
+def best_checkpoint_of_run(run_folder: str) -> str:
+    """Return the best validation checkpoint of ``run_folder``, as its ``last.ckpt`` records it.
+
+    The file is looked up by name in the folder's ``checkpoints/``, so a moved or copied run
+    folder still finds it.
+    """
+    folder = Path(run_folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"test_weights=best with train=false tests the best checkpoint of a run folder, but "
+            f"ckpt_path={run_folder} is not a folder; pass the run folder, or drop test_weights=best "
+            "to test this file"
+        )
+    last = torch.load(resolve_lightning_checkpoint(str(folder)), map_location="cpu", weights_only=True, mmap=True)
+    names = [
+        Path(state["best_model_path"]).name
+        for state in last.get("callbacks", {}).values()
+        if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")
+    ]
+    candidates = [folder / "checkpoints" / name for name in names]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path={run_folder} has no best checkpoint: its last.ckpt records "
+            f"{', '.join(names) or 'none'}, and none is in {folder / 'checkpoints'}. Use test_weights=last"
+        )
+    return resolve_lightning_checkpoint(str(found[0]))
 
 
 def _route_lightning_logs_through_root() -> None:

@@ -12,7 +12,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from lightning_modules.classifier import ClassifierModule, load_classifier_weights
 from lightning_modules.training import train
+from models import create_model
 from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
 
 EXPERIMENTS = sorted(path.stem for path in (ROOT / "configs" / "experiment").glob("*.yaml"))
@@ -209,6 +211,39 @@ def test_checkpoint_loads_weights_only(compose_config: ComposeConfig, tmp_path: 
     assert "RNGStateCallback" in checkpoint["callbacks"]
 
 
+# A one-epoch dense digits run whose checkpoint other runs start from.
+DENSE_RUN = (
+    "module=classifier",
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "data.train_subset=64",
+)
+
+
+def test_init_checkpoint_loads_network_weights(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    cfg = compose_config(*DENSE_RUN)
+    train(cfg)
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    torch.save({key.removeprefix("net."): value for key, value in trained.items()}, tmp_path / "plain.pt")
+
+    # A run folder, a Lightning checkpoint and a plain state dict all give the trained weights.
+    for source in (tmp_path, tmp_path / "checkpoints" / "last.ckpt", tmp_path / "plain.pt"):
+        net = create_model("resnet20", in_channels=1, num_classes=10)
+        module = ClassifierModule(net, torch.optim.SGD, {"name": "none"}, num_classes=10, init_checkpoint=str(source))
+        module.trainer = SimpleNamespace(datamodule=None)
+        module.setup("fit")
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, trained[f"net.{key}"]), f"{source}: {key}"
+
+
+def test_init_checkpoint_of_other_model_is_named(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    train(compose_config(*DENSE_RUN))
+    net = create_model("resnet32", in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="(?s)do not fit the model of this run .*Set model="):
+        load_classifier_weights(net, tmp_path)
+
+
 def test_last_checkpoint_is_last_epoch(compose_config: ComposeConfig, tmp_path: Path) -> None:
     # The constant 0.4 learning rate makes validation accuracy fall in some epoch, which
     # is when a last.ckpt tied to the best checkpoint would fall behind.
@@ -235,6 +270,41 @@ def test_test_only_run_uses_checkpoint(compose_config: ComposeConfig, tmp_path: 
     tested = train(test_only_cfg)
 
     assert tested["test/acc"] == pytest.approx(trained["test/acc"])
+
+
+def test_test_only_run_picks_best_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    # As in test_last_checkpoint_is_last_epoch, the constant 0.4 learning rate makes the best
+    # validation epoch an earlier one than the last.
+    trained_cfg = compose_config(
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "trainer.max_epochs=4",
+        "data.train_subset=64",
+        "module.scheduler.name=constant",
+        "module.optimizer.lr=0.4",
+        "test=false",
+    )
+    train(trained_cfg)
+    best = sorted((tmp_path / "checkpoints").glob("best_*.ckpt"))
+    assert len(best) == 1
+    assert best[0].name != "best_epoch_003.ckpt"
+
+    results = {}
+    for name, options in {
+        "folder": (f"ckpt_path={tmp_path}", "test_weights=best"),
+        "file": (f"ckpt_path={best[0]}",),
+    }.items():
+        cfg = compose_config("trainer.accelerator=cpu", "logger=none", "train=false", *options)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / name)
+        results[name] = train(cfg)
+
+    assert results["folder"]["test/loss"] == results["file"]["test/loss"]
+    bad = compose_config(
+        "trainer.accelerator=cpu", "logger=none", "train=false", f"ckpt_path={best[0]}", "test_weights=best"
+    )
+    with pytest.raises(ValueError, match="is not a folder; pass the run folder"):
+        train(bad)
 
 
 def test_test_only_run_needs_checkpoint(compose_config: ComposeConfig) -> None:
