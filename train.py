@@ -29,12 +29,14 @@ INTERRUPTED_EXIT_STATUS = 143
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run the training task; return the metric a Hydra sweeper optimises, if any."""
+    from lightning_modules.run_folder import resume_instruction
     from lightning_modules.training import train
 
     try:
         summary = train(cfg)
     except SIGTERMException:
-        log.warning("training stopped on a signal after writing its checkpoint; the same command resumes it")
+        resume = resume_instruction(cfg.get("run_id"), cfg.paths.output_dir)
+        log.warning("training stopped on a signal after writing its checkpoint: %s", resume)
         sys.exit(INTERRUPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:
         # leanlight raises these for input a user can fix, with the value and the fix in

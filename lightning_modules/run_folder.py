@@ -91,6 +91,19 @@ def slurm_restart_count() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def resume_instruction(run_id: str | None, run_folder: str | Path) -> str:
+    """Return how to resume a run that a signal stopped, for its log message.
+
+    A run id the user chose resumes with the same command. The SLURM-derived one resumes
+    only when SLURM requeues the job. A folder named by the time needs ``ckpt_path``.
+    """
+    if run_id is not None and run_id != slurm_run_id():
+        return f"running the same command (run_id={run_id}) resumes it"
+    if run_id is not None:
+        return f"the requeued SLURM job resumes it, or add ckpt_path={run_folder} to the command"
+    return f"add ckpt_path={run_folder} to the same command to resume it"
+
+
 def resumes_automatically(run_id: str | None) -> bool:
     """Return whether a run resumes from the checkpoint its folder already contains.
 

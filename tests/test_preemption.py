@@ -170,6 +170,7 @@ def test_signal_writes_checkpoint_and_resumes(
 
     assert process.returncode == 143, output[-3000:]
     assert f"{signal_number.name} received: wrote {last}" in output
+    assert f"running the same command (run_id={run_id}) resumes it" in output
     saved_step = checkpoint_step(last)
     assert 3 <= saved_step < STEPS_PER_EPOCH, f"checkpoint at step {saved_step} is not in the first epoch"
     assert not (folder / "summary.json").exists(), "the signalled run went on to test instead of stopping"
@@ -276,3 +277,19 @@ def test_wandb_id_follows_run_folder(compose_config: ComposeConfig, tmp_path: Pa
     # The same folder gives the same W&B run; another folder (another multirun job) another run.
     assert wandb_run_id(str(tmp_path)) == first_id
     assert wandb_run_id(str(tmp_path / "1")) != first_id
+
+
+def test_resume_instruction_names_the_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.run_folder import resume_instruction
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    # A folder named by the time resumes only through ckpt_path.
+    assert (
+        resume_instruction(None, "logs/train/runs/x")
+        == "add ckpt_path=logs/train/runs/x to the same command to resume it"
+    )
+    assert resume_instruction("mine", "logs/train/runs/mine") == "running the same command (run_id=mine) resumes it"
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert resume_instruction("slurm-4242", "f").startswith("the requeued SLURM job resumes it")
