@@ -43,6 +43,7 @@ from diffusion.frechet import (
 )
 from diffusion.oms import OMSHandover, load_oms
 from lightning_modules.callbacks.flops import count_forward_cost
+from lightning_modules.data.errors import DataError
 from lightning_modules.diffusion import (
     LoadedDenoiser,
     SamplerSettings,
@@ -234,7 +235,21 @@ def check_frechet_config(metrics: DictConfig) -> None:
 def compute_frechet(metrics: DictConfig, images: np.ndarray, device: torch.device, cache_dir: str) -> FrechetResult:
     """Compute the Frechet distance of uint8 samples ``(N, H, W, C)`` to the reference data ``metrics.data``."""
     datamodule = instantiate_user_object(metrics.data)
-    reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
+    try:
+        reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
+    except DataError as error:
+        raise DataError(
+            f"the reference data of the Frechet distance (metrics.data) could not be loaded: {error}. For a "
+            "model trained on other data, set data@metrics.data=<its data config>, such as data@metrics.data=digits"
+        ) from None
+    if reference.images.shape[1:] != images.shape[1:]:
+        raise ValueError(
+            f"the samples are {images.shape[1:]} (height, width, channels) but the reference images of "
+            f"{reference.label} are {reference.images.shape[1:]}, so their Frechet distance would mean nothing; "
+            "set data@metrics.data (and its options, such as metrics.data.downsample_factor) to the data the "
+            "model was trained on"
+        )
+
     if metrics.frechet == "inception":
         return inception_fid(
             images, reference.images, reference.label, metrics.inception_weights, metrics.batch_size, device

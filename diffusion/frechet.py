@@ -378,6 +378,12 @@ def load_feature_network(
     state_dict = stored.get("state_dict", stored) if isinstance(stored, dict) else None
     if state_dict is None:
         raise ValueError(f"{path} contains no state dict")
+    if isinstance(stored, dict) and stored.get("polarization", {}).get("extracted"):
+        raise ValueError(
+            f"{path} is a checkpoint of a polarization pruning run, whose network is pruned. Pass a "
+            "module=classifier run, or load its pruning/pruned_model.pt with pruning.load_pruned and pass the "
+            "network to diffusion.frechet.feature_network_from_model"
+        )
     state = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
     if not state:
         raise ValueError(
@@ -388,7 +394,13 @@ def load_feature_network(
     arguments = cifar_resnet_arguments(state, str(path))
     name = arguments.pop("name")
     net = create_model(name, arguments.pop("in_channels"), arguments.pop("num_classes"), **arguments)
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the weights in {path} do not fit a standard {name} ({error}). Pass a checkpoint of a "
+            "module=classifier run with a CIFAR ResNet"
+        ) from None
     logger.info("Loaded the feature network %s from %s", name, path)
     return feature_network_from_model(net, mean, std, name=name.replace("resnet", "ResNet"))
 

@@ -25,6 +25,7 @@ from diffusion.frechet import (
     load_feature_network,
     reference_statistics,
 )
+from lightning_modules.data.errors import DataError
 from lightning_modules.training import train
 from models import create_model
 from tests.conftest import compose_sample_config, compose_train_config
@@ -240,6 +241,24 @@ def test_load_feature_network_rejects_other_checkpoint(tmp_path: Path) -> None:
         load_feature_network(tmp_path / "missing.ckpt", CIFAR_MEAN, CIFAR_STD)
 
 
+def test_load_feature_network_rejects_pruned_checkpoint(tmp_path: Path) -> None:
+    # A pruned ResNet-20: the inner width of the first block is 8, not 16.
+    state = create_model("resnet20", 3, 10).state_dict()
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:8]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        state[f"layer1.0.bn1.{name}"] = state[f"layer1.0.bn1.{name}"][:8]
+    state["layer1.0.conv2.weight"] = state["layer1.0.conv2.weight"][:, :8]
+    weights = {f"net.{key}": value for key, value in state.items()}
+    plain, pruned = tmp_path / "plain.ckpt", tmp_path / "pruned.ckpt"
+    torch.save({"state_dict": weights}, plain)
+    torch.save({"state_dict": weights, "polarization": {"extracted": True}}, pruned)
+
+    with pytest.raises(ValueError, match="polarization pruning run, whose network is pruned"):
+        load_feature_network(pruned, CIFAR_MEAN, CIFAR_STD)
+    with pytest.raises(ValueError, match="do not fit a standard resnet20"):
+        load_feature_network(plain, CIFAR_MEAN, CIFAR_STD)
+
+
 # ---------------------------------------------------------------------------------------
 # Reference cache
 
@@ -436,6 +455,32 @@ def test_sample_script_checks_frechet_first(
         sample.run_sampling(compose_sample_config(*common, "metrics.frechet=resnet20"))
     # Neither error comes after sampling, so no samples were written.
     assert not (tmp_path / "samples").exists()
+
+
+def test_sample_script_names_reference_data(
+    ddpm_digits_run: Path, classifier_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sample
+
+    common = (
+        f"ckpt_path={ddpm_digits_run}",
+        f"output_dir={tmp_path / 'samples'}",
+        "num_steps=1",
+        "num_samples=2",
+        "metrics.frechet=resnet20",
+        f"metrics.feature_checkpoint={classifier_run}",
+    )
+    missing = compose_sample_config(*common, f"metrics.data.path={tmp_path / 'none.tar.gz'}")
+    with pytest.raises(DataError, match="(?s)reference data of the Frechet distance .* data@metrics.data=digits"):
+        sample.run_sampling(missing)
+
+    # Digits samples are 8x8 grey; CIFAR-10-shaped reference images would give a meaningless distance.
+    reference = frechet.ReferenceData(
+        images=np.zeros((4, 32, 32, 3), dtype=np.uint8), mean=(0.5,), std=(0.5,), label="CIFAR-shaped"
+    )
+    monkeypatch.setattr(sample, "reference_data_from_datamodule", lambda *args, **kwargs: reference)
+    with pytest.raises(ValueError, match=r"samples are \(8, 8, 1\) .* are \(32, 32, 3\)"):
+        sample.run_sampling(compose_sample_config(*common, "data@metrics.data=digits"))
 
 
 def test_sample_script_without_frechet(ddpm_digits_run: Path, tmp_path: Path) -> None:
