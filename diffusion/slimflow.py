@@ -117,12 +117,7 @@ class LPIPSDistance(nn.Module):
 
     def __init__(self, vgg_weights: str | Path) -> None:
         super().__init__()
-        path = Path(vgg_weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"VGG-16 weights file {path} for LPIPS not found. Pass a torchvision vgg16 state dict "
-                "(vgg16-397923af.pth) as module.distance.vgg_weights, or use module.distance.name=pseudo_huber"
-            )
+        path = lpips_weights_file(vgg_weights)
         try:
             import torchvision
             from torchmetrics.functional.image.lpips import _LPIPS
@@ -161,20 +156,37 @@ class LPIPSDistance(nn.Module):
         return self.lpips(x, y, normalize=False).mean()
 
 
+def lpips_weights_file(vgg_weights: str | Path | None) -> Path:
+    """Return the path of the VGG-16 weights for LPIPS; raise if none is given or the file does not exist."""
+    if vgg_weights is None:
+        raise ValueError(
+            "distance lpips needs the VGG-16 ImageNet weights, which are never downloaded: set "
+            "module.distance.vgg_weights=<torchvision vgg16 .pth>, or use module.distance.name=pseudo_huber"
+        )
+    path = Path(vgg_weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"VGG-16 weights file {path} for LPIPS not found. Pass a torchvision vgg16 state dict "
+            "(vgg16-397923af.pth) as module.distance.vgg_weights, or use module.distance.name=pseudo_huber"
+        )
+    return path
+
+
+def check_distance(name: str, vgg_weights: str | Path | None = None) -> None:
+    """Raise the error that :func:`make_distance` would raise, without building the distance."""
+    describe_distance(name)
+    if name == "lpips":
+        lpips_weights_file(vgg_weights)
+
+
 def make_distance(name: str = "pseudo_huber", vgg_weights: str | Path | None = None) -> Distance:
     """Return the distillation distance ``name``: pseudo_huber (default), l2, or lpips with ``vgg_weights``."""
+    check_distance(name, vgg_weights)
     if name == "pseudo_huber":
         return pseudo_huber_distance
     if name == "l2":
         return l2_distance
-    if name == "lpips":
-        if vgg_weights is None:
-            raise ValueError(
-                "distance lpips needs the VGG-16 ImageNet weights, which are never downloaded: set "
-                "module.distance.vgg_weights=<torchvision vgg16 .pth>, or use module.distance.name=pseudo_huber"
-            )
-        return LPIPSDistance(vgg_weights)
-    raise ValueError(f"unknown distance {name!r}; valid distances: {', '.join(DISTANCES)}")
+    return LPIPSDistance(vgg_weights)
 
 
 def describe_distance(name: str) -> str:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion.rectified_flow import network_velocity, sample_flow
 from diffusion.reflow_pairs import generate_reflow_pairs
-from diffusion.slimflow import describe_distance
+from diffusion.slimflow import check_distance, describe_distance
 from lightning_modules.diffusion import save_grid, to_uint8
 from lightning_modules.pipeline import (
     Pipeline,
@@ -82,7 +82,7 @@ class SlimFlowPipeline(Pipeline):
         self.baseline = self.options.variant == "baseline"
         self.distance = OmegaConf.to_container(self.options.distance, resolve=True)
         # Raises now, not after the teacher has trained, for an unknown distance or missing LPIPS weights.
-        describe_distance(self.distance["name"])
+        check_distance(self.distance["name"], self.distance.get("vgg_weights"))
         self.datamodule = instantiate_user_object(cfg.data)
         self.parameter_counts: dict[str, int] = {}
 

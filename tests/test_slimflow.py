@@ -505,6 +505,18 @@ def run_flow_sample(checkpoint: Path, output_dir: Path) -> dict[str, Any]:
     return sample.run_sampling(cfg)
 
 
+def test_pipeline_checks_lpips_weights_first(tmp_path: Path, cache_dir: Path) -> None:
+    cfg = compose_pipeline(
+        tmp_path / "run", cache_dir, "module.distance.name=lpips", f"module.distance.vgg_weights={tmp_path / 'no.pth'}"
+    )
+    TRAINED_ROLES.clear()
+    with open_dict(cfg):
+        cfg.callbacks.record = {"_target_": f"{__name__}.RecordRoles"}
+    with pytest.raises(FileNotFoundError, match="VGG-16 weights file .* not found"):
+        train(cfg)
+    assert TRAINED_ROLES == []
+
+
 def test_train_smoke_baseline_given_teacher(tmp_path: Path, cache_dir: Path) -> None:
     # An untrained teacher of the digits experiment's size, saved as a flow checkpoint.
     teacher = create_model("unet", 1, 10, base_channels=16, channel_multipliers=[1, 2, 2], num_res_blocks=1)
