@@ -73,6 +73,7 @@ class IIRSNNPipeline(Pipeline):
     """
 
     name = "iir_snn"
+    stage_length_keys = ("module.ann.max_epochs", "module.snn.max_epochs")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -195,12 +196,31 @@ class Pipeline(ABC):
     """
 
     name: ClassVar[str]
+    # The config keys that set how long the stages train, named when the user sets the trainer's instead.
+    stage_length_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.folder = resolve_pipeline_folder(cfg)
         self.state: PipelineState | None = None
         self.stage_names: list[str] = []
+        self.warn_about_trainer_length()
+
+    def warn_about_trainer_length(self) -> None:
+        """Warn that ``trainer.max_epochs`` or ``trainer.max_steps`` from the command line has no effect."""
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        ignored = [
+            override
+            for override in overrides
+            if override.lstrip("+~").split("=")[0] in ("trainer.max_epochs", "trainer.max_steps")
+        ]
+        if ignored and self.stage_length_keys:
+            log.warning(
+                "%s has no effect: each stage of the %s pipeline trains for its own length; set %s instead",
+                ", ".join(ignored),
+                self.name,
+                ", ".join(self.stage_length_keys),
+            )
 
     @abstractmethod
     def stages(self) -> list[Stage]:

@@ -68,6 +68,11 @@ class SlimFlowPipeline(Pipeline):
     """
 
     name = "slimflow"
+    stage_length_keys = (
+        "module.teacher.max_steps",
+        "module.annealing_reflow.max_steps",
+        "module.distillation.max_steps",
+    )
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

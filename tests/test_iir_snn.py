@@ -1,6 +1,7 @@
 """The IIR-SNN pipeline on digits: stage table, initialisation from the previous stage, resume, state file, energy."""
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,23 @@ def test_schedule_set_twice_raises_before_stages(tmp_path: Path, cache_dir: Path
     with pytest.raises(ValueError, match=r"module.snn.scheduler.milestone_fractions=\[\]"):
         IIRSNNPipeline(cfg)
     assert not (tmp_path / "stages").exists()
+
+
+def test_trainer_length_override_is_named(tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        IIRSNNPipeline(compose_pipeline(tmp_path, cache_dir, "trainer.max_epochs=1"))
+    assert "trainer.max_epochs=1 has no effect" in caplog.text
+    assert "module.ann.max_epochs, module.snn.max_epochs" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        IIRSNNPipeline(compose_pipeline(tmp_path, cache_dir))
+    assert "has no effect" not in caplog.text
+
+
+def test_stage_preemption_names_pipeline_folder(tmp_path: Path, cache_dir: Path) -> None:
+    stage_cfg = IIRSNNPipeline(compose_pipeline(tmp_path, cache_dir)).stage_config("T1")
+    assert stage_cfg.callbacks.preemption.run_folder == str(tmp_path)
 
 
 def test_each_stage_has_own_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
