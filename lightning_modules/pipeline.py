@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules.cluster import trainer_plugins
-from lightning_modules.run_summary import collect_summary, save_summary
+from lightning_modules.run_summary import collect_summary, describe_run, save_summary
 from lightning_modules.seeds import STAGE_STREAM, derive_seed
 from lightning_modules.setup_run import (
     instantiate_callbacks,
@@ -409,6 +409,8 @@ def run_lightning_stage(
         trainer.test(module, datamodule=datamodule, ckpt_path=_best_checkpoint(cfg, trainer) if fit else None)
 
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, context.folder)
+        # The run's task, technique and model, so that a report places the stage with its pipeline.
+        summary.update(describe_run(cfg))
         summary["stage"] = context.name
         if trainer.is_global_zero:
             save_summary(summary, context.folder)

@@ -1,6 +1,7 @@
 """Turn a set of runs into one report: a table per technique, and accuracy against FLOPs and energy.
 
-Runs come from local run folders (every ``summary.json`` under the given paths) or,
+Runs come from local run folders (every ``summary.json`` under the given paths, except a
+pipeline's own, since each of its stages has one) or,
 with ``--wandb entity/project``, from W&B's public API (which needs ``wandb login``
 and the network). The report folder gets:
 
@@ -22,10 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Labels of the LightningModules a run summary names; other modules keep their class name.
+# Labels of the LightningModules and pipelines a run summary names; others keep their class name.
 TECHNIQUES = {
     "ClassifierModule": "dense",
     "PolarizationModule": "polarization pruning",
+    "IIRSNNPipeline": "IIR-SNN",
+    "SlimFlowPipeline": "SlimFlow",
+    "DDPMModule": "diffusion (DDPM)",
+    "OMSModule": "One More Step",
 }
 
 # Technique-specific summary keys shown as extra columns: key -> (column, format).
@@ -85,6 +90,9 @@ def records_from_folders(paths: list[Path]) -> list[RunRecord]:
                 summary = json.loads(file.read_text())
             except json.JSONDecodeError as error:
                 print(f"skipped {file}: not valid JSON ({error})", file=sys.stderr)
+                continue
+            if "pipeline_dir" in summary:
+                # A pipeline's overview repeats its last stage, whose own summary is a row already.
                 continue
             records.append(record_from_summary(summary, str(file.parent)))
     return records
@@ -206,7 +214,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("reports"), help="report folder (default: reports/)")
     args = parser.parse_args()
 
-    records = records_from_wandb(args.wandb) if args.wandb else records_from_folders(args.paths or [Path("logs")])
+    try:
+        records = records_from_wandb(args.wandb) if args.wandb else records_from_folders(args.paths or [Path("logs")])
+    except FileNotFoundError as error:
+        sys.exit(str(error))
     if not records:
         sys.exit("no runs found: give folders that hold summary.json files, or --wandb entity/project")
     for path in write_report(records, args.output):

@@ -1,5 +1,6 @@
 """The IIR-SNN pipeline on digits: stage table, initialisation from the previous stage, resume, state file, energy."""
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ from lightning_modules.pipeline import STATE_FILE, PipelineState, load_stage_wei
 from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.training import train
 from snn import convert_vgg_to_snn, measure_spike_statistics
-from tests.conftest import compose_train_config
+from tests.conftest import ROOT, compose_train_config
 
 # A pipeline small enough for seconds on one thread: 128 training images (2 batches),
 # one ANN epoch, two epochs at each of T=2 and T=1, 2 test batches.
@@ -108,6 +109,21 @@ def test_pipeline_ends_with_stage_table(uninterrupted: dict[str, Any]) -> None:
     assert uninterrupted["summary"]["test/acc"] == rows[-1]["accuracy"]
     assert (folder / "plots" / "spike_rates.png").stat().st_size > 0
     assert (folder / "plots" / "accuracy_and_energy.png").stat().st_size > 0
+
+
+def test_report_lists_stages_as_iir_snn(uninterrupted: dict[str, Any]) -> None:
+    spec = importlib.util.spec_from_file_location("leanlight_report", ROOT / "scripts" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    folder = uninterrupted["folder"]
+
+    records = report.records_from_folders([folder])
+
+    assert {record.technique for record in records} == {"IIR-SNN"}
+    assert {record.task_name for record in records} == {"iir_snn_digits"}
+    # The pipeline's overview repeats the last stage, so only the stages' own summaries are rows.
+    assert str(folder) not in {record.run for record in records}
+    assert str(folder / "stages" / "T1") in {record.run for record in records}
 
 
 def test_every_stage_finished_with_checkpoint(uninterrupted: dict[str, Any]) -> None:
