@@ -66,6 +66,12 @@ log = logging.getLogger("sample")
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images from ``cfg.ckpt_path``, write the PNG and npz; return a report."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise ValueError(
+            "sample.py needs ckpt_path=<run folder or .ckpt> of a module=ddpm run, or the flow.pt of a SlimFlow "
+            "stage with sampler=flow"
+        )
+    check_pipeline_folder(cfg.ckpt_path)
     checkpoint_path = resolve_checkpoint_path(cfg.ckpt_path)
     if cfg.sampler == "flow" and cfg.oms.ckpt_path is not None:
         raise ValueError(
@@ -232,6 +238,16 @@ def check_frechet_config(metrics: DictConfig) -> None:
         )
 
 
+def check_pipeline_folder(ckpt_path: str) -> None:
+    """Raise ``ValueError`` listing the stage checkpoints when ``ckpt_path`` is a SlimFlow pipeline folder."""
+    flows = sorted(Path(ckpt_path).expanduser().glob("stages/*/flow.pt"))
+    if flows:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} is a SlimFlow pipeline folder; pass the flow.pt of one stage with sampler=flow: "
+            + ", ".join(str(path) for path in flows)
+        )
+
+
 def compute_frechet(metrics: DictConfig, images: np.ndarray, device: torch.device, cache_dir: str) -> FrechetResult:
     """Compute the Frechet distance of uint8 samples ``(N, H, W, C)`` to the reference data ``metrics.data``."""
     datamodule = instantiate_user_object(metrics.data)
@@ -296,9 +312,9 @@ def describe_evaluations(report: dict[str, Any]) -> str:
     """Return the network evaluations per image, split into base model and OMS when OMS ran."""
     total = report["network_evaluations_per_image"]
     if report.get("oms") is None:
-        return f"{total} per image"
+        return f"{total:g} per image"
     base = report["base_network_evaluations_per_image"]
-    return f"{total} per image ({base} of the base model, {total - base} of the OMS module)"
+    return f"{total:g} per image ({base:g} of the base model, {total - base:g} of the OMS module)"
 
 
 def describe_oms(oms: dict[str, Any]) -> str:

@@ -106,7 +106,10 @@ class SamplerSettings:
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLER_CLASSES:
-            raise ValueError(f"unknown sampler {self.name!r}; valid samplers: {', '.join(SAMPLER_CLASSES)}")
+            raise ValueError(
+                f"unknown sampler {self.name!r}; valid samplers: {', '.join(SAMPLER_CLASSES)} "
+                "(and, in sample.py, flow for the checkpoints of SlimFlow)"
+            )
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
 
@@ -719,7 +722,7 @@ def load_denoiser(checkpoint_path: str | Path, use_ema: bool = True) -> LoadedDe
     if metadata is None:
         raise ValueError(
             f"{checkpoint_path} has no {CHECKPOINT_KEY!r} entry, so it was not written by DDPMModule; "
-            "pass a checkpoint of a run with module=ddpm"
+            "pass a checkpoint of a run with module=ddpm, or add sampler=flow for a SlimFlow flow.pt"
         )
     if metadata.get("model_spec") is None:
         raise ValueError(

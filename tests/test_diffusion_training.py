@@ -388,3 +388,31 @@ def test_sample_rejects_other_checkpoint(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="not written by DDPMModule"):
         sample.run_sampling(cfg)
+    with pytest.raises(ValueError, match="add sampler=flow for a SlimFlow flow.pt"):
+        sample.run_sampling(cfg)
+
+
+def test_sample_names_missing_checkpoint(tmp_path: Path) -> None:
+    import sample
+
+    with pytest.raises(ValueError, match="sample.py needs ckpt_path="):
+        sample.run_sampling(compose_sample_config(f"output_dir={tmp_path / 'out'}"))
+
+
+def test_sample_lists_stages_of_pipeline_folder(tmp_path: Path) -> None:
+    import sample
+
+    for stage in ("teacher", "distillation"):
+        (tmp_path / "run" / "stages" / stage).mkdir(parents=True)
+        (tmp_path / "run" / "stages" / stage / "flow.pt").write_bytes(b"")
+    cfg = compose_sample_config(f"ckpt_path={tmp_path / 'run'}", "sampler=flow", f"output_dir={tmp_path / 'out'}")
+
+    with pytest.raises(ValueError, match="SlimFlow pipeline folder.*stages/distillation/flow.pt"):
+        sample.run_sampling(cfg)
+
+
+def test_evaluations_print_without_trailing_zero() -> None:
+    import sample
+
+    assert sample.describe_evaluations({"network_evaluations_per_image": 1.0}) == "1 per image"
+    assert sample.describe_evaluations({"network_evaluations_per_image": 329.5}) == "329.5 per image"

@@ -354,3 +354,12 @@ def test_top5_only_above_five_classes() -> None:
 
     assert make(3).test_accuracy_top5 is None
     assert make(10).test_accuracy_top5 is not None
+
+
+def test_epoch_line_counts_steps_without_max_epochs() -> None:
+    from lightning_modules.callbacks.epoch_log import progress_text
+
+    by_epochs = SimpleNamespace(current_epoch=2, max_epochs=10, global_step=30, max_steps=-1)
+    by_steps = SimpleNamespace(current_epoch=10, max_epochs=-1, global_step=1200, max_steps=5000)
+    assert progress_text(by_epochs) == "epoch 3/10"
+    assert progress_text(by_steps) == "epoch 11, step 1200/5000"

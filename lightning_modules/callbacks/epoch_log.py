@@ -23,4 +23,12 @@ class EpochLogCallback(L.Callback):
             if name.startswith(("train/", "val/", "throughput/")) and not name.endswith(("_step", "_epoch"))
         }
         text = ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
-        log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs, text)
+        log.info("%s: %s", progress_text(trainer), text)
+
+
+def progress_text(trainer: L.Trainer) -> str:
+    """Return "epoch 3/10", or for a run that max_steps ends, "epoch 3, step 1200/5000"."""
+    epoch = trainer.current_epoch + 1
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return f"epoch {epoch}/{trainer.max_epochs}"
+    return f"epoch {epoch}, step {trainer.global_step}/{trainer.max_steps}"
