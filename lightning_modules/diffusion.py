@@ -121,10 +121,13 @@ class SamplerSettings:
             raise ValueError(
                 f"unknown time_shift settings {sorted(unknown)}; valid settings: window, cutoff, placement"
             )
-        window = settings.get("window", 0)
-        if window == 0:
-            return None
-        return TimeShift(window=window, cutoff=settings.get("cutoff", 0), placement=settings.get("placement", "sample"))
+        # Built even for window 0, so that a misspelt setting fails although time shift is off.
+        time_shift = TimeShift(
+            window=settings.get("window", 0),
+            cutoff=settings.get("cutoff", 0),
+            placement=settings.get("placement", "sample"),
+        )
+        return time_shift if time_shift.window > 0 else None
 
     def describe(self) -> str:
         """Return a short description such as ``"ddim, 50 steps, trailing"``, for logs and summaries."""

@@ -416,3 +416,10 @@ def test_evaluations_print_without_trailing_zero() -> None:
 
     assert sample.describe_evaluations({"network_evaluations_per_image": 1.0}) == "1 per image"
     assert sample.describe_evaluations({"network_evaluations_per_image": 329.5}) == "329.5 per image"
+
+
+def test_time_shift_settings_checked_when_off() -> None:
+    settings = SamplerSettings(name="ddim", num_steps=5, time_shift={"window": 0, "cutoff": 0, "placement": "middle"})
+    with pytest.raises(ValueError, match="time_shift.placement must be one of"):
+        settings.make_time_shift()
+    assert SamplerSettings(name="ddim", num_steps=5).make_time_shift() is None
