@@ -27,6 +27,14 @@ def instantiate_user_object(node: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as error:
         if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
             raise error.__cause__ from None
+        if isinstance(error.__cause__, TypeError) and "unexpected keyword argument" in str(error.__cause__):
+            # Typically an experiment's setting for one model left behind when the command line
+            # picks another model (experiment=iir_snn_digits model=resnet20).
+            raise ValueError(
+                f"{node.get('_target_')} does not accept a setting of this config: {error.__cause__}. If an "
+                "experiment set it for another model or module, override that group's settings too or pick "
+                "a matching experiment"
+            ) from None
         raise
 
 

@@ -286,3 +286,9 @@ def test_each_stage_has_own_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
     assert stage_cfg.logger.wandb.group == f"iir_snn_digits-{tmp_path.name}"
     assert stage_cfg.logger.wandb.job_type == "T1"
     assert stage_cfg.paths.output_dir == str(tmp_path / "stages" / "T1")
+
+
+def test_experiment_model_setting_left_behind_is_named(tmp_path: Path, cache_dir: Path) -> None:
+    # The experiment's model.layout is a VGG setting; model=resnet20 does not take it.
+    with pytest.raises(ValueError, match="does not accept a setting of this config: .*'layout'"):
+        train(compose_pipeline(tmp_path, cache_dir, "model=resnet20"))
