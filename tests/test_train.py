@@ -154,9 +154,14 @@ def test_negative_batch_size_is_rejected(compose_config: ComposeConfig) -> None:
 def test_missing_cifar10_names_paths(compose_config: ComposeConfig, tmp_path: Path) -> None:
     from lightning_modules.data import DataError
 
-    cfg = compose_config(*FAST, "data=cifar10", f"data.search_paths=[{tmp_path / 'nowhere'}]")
-    with pytest.raises(DataError, match="nowhere"):
+    data_dir = tmp_path / "data"
+    cfg = compose_config(
+        *FAST, "data=cifar10", f"data.search_paths=[{tmp_path / 'nowhere'},{data_dir}]", f"data.data_dir={data_dir}"
+    )
+    with pytest.raises(DataError, match="nowhere") as raised:
         train(cfg)
+    # data_dir is one of the search paths here too, and is listed once.
+    assert str(raised.value).count(f"{data_dir} ") == 1
 
 
 def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path) -> None:

@@ -208,7 +208,8 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         """Return the paths to look at, in order: ``path`` alone, or the search paths and ``data_dir``."""
         if self.path is not None:
             return [self.path]
-        return [*self.search_paths, self.data_dir]
+        # data_dir is usually one of the search paths too; each path is looked at once.
+        return list(dict.fromkeys([*self.search_paths, self.data_dir]))
 
     def load_data(self) -> ImageClassificationData:
         source, notes = find_cifar10_source(self.candidate_paths())
