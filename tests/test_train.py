@@ -249,18 +249,21 @@ def test_init_checkpoint_of_other_model_is_named(compose_config: ComposeConfig, 
         load_classifier_weights(net, tmp_path)
 
 
+# Four epochs at a constant learning rate of 0.4, which makes validation accuracy fall in
+# some epoch, so the best checkpoint is an earlier one than the last.
+BEST_BEFORE_LAST = (
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "trainer.max_epochs=4",
+    "data.train_subset=64",
+    "module.scheduler.name=constant",
+    "module.optimizer.lr=0.4",
+)
+
+
 def test_last_checkpoint_is_last_epoch(compose_config: ComposeConfig, tmp_path: Path) -> None:
-    # The constant 0.4 learning rate makes validation accuracy fall in some epoch, which
-    # is when a last.ckpt tied to the best checkpoint would fall behind.
-    cfg = compose_config(
-        "trainer.accelerator=cpu",
-        "logger=none",
-        "trainer.max_epochs=4",
-        "data.train_subset=64",
-        "module.scheduler.name=constant",
-        "module.optimizer.lr=0.4",
-    )
-    train(cfg)
+    # A last.ckpt tied to the best checkpoint would fall behind here.
+    train(compose_config(*BEST_BEFORE_LAST))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["epoch"] == 3
 
@@ -278,18 +281,7 @@ def test_test_only_run_uses_checkpoint(compose_config: ComposeConfig, tmp_path: 
 
 
 def test_test_only_run_picks_best_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> None:
-    # As in test_last_checkpoint_is_last_epoch, the constant 0.4 learning rate makes the best
-    # validation epoch an earlier one than the last.
-    trained_cfg = compose_config(
-        "trainer.accelerator=cpu",
-        "logger=none",
-        "trainer.max_epochs=4",
-        "data.train_subset=64",
-        "module.scheduler.name=constant",
-        "module.optimizer.lr=0.4",
-        "test=false",
-    )
-    train(trained_cfg)
+    train(compose_config(*BEST_BEFORE_LAST, "test=false"))
     best = sorted((tmp_path / "checkpoints").glob("best_*.ckpt"))
     assert len(best) == 1
     assert best[0].name != "best_epoch_003.ckpt"
