@@ -74,6 +74,8 @@ class IIRSNNPipeline(Pipeline):
 
     name = "iir_snn"
     stage_length_keys = ("module.ann.max_epochs", "module.snn.max_epochs")
+    # Each stage sets max_epochs; trainer.max_steps still ends a stage early.
+    ignored_trainer_keys = ("trainer.max_epochs",)
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

@@ -196,8 +196,10 @@ class Pipeline(ABC):
     """
 
     name: ClassVar[str]
-    # The config keys that set how long the stages train, named when the user sets the trainer's instead.
+    # The config keys that set how long the stages train, named when the user sets one of
+    # ignored_trainer_keys instead, which the stages replace.
     stage_length_keys: ClassVar[tuple[str, ...]] = ()
+    ignored_trainer_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -207,14 +209,12 @@ class Pipeline(ABC):
         self.warn_about_trainer_length()
 
     def warn_about_trainer_length(self) -> None:
-        """Warn that ``trainer.max_epochs`` or ``trainer.max_steps`` from the command line has no effect."""
+        """Warn that a command-line override of one of :attr:`ignored_trainer_keys` has no effect."""
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         ignored = [
-            override
-            for override in overrides
-            if override.lstrip("+~").split("=")[0] in ("trainer.max_epochs", "trainer.max_steps")
+            override for override in overrides if override.lstrip("+~").split("=")[0] in self.ignored_trainer_keys
         ]
-        if ignored and self.stage_length_keys:
+        if ignored:
             log.warning(
                 "%s has no effect: each stage of the %s pipeline trains for its own length; set %s instead",
                 ", ".join(ignored),

@@ -73,6 +73,7 @@ class SlimFlowPipeline(Pipeline):
         "module.annealing_reflow.max_steps",
         "module.distillation.max_steps",
     )
+    ignored_trainer_keys = ("trainer.max_epochs", "trainer.max_steps")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
