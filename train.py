@@ -30,13 +30,12 @@ INTERRUPTED_EXIT_STATUS = 143
 def main(cfg: DictConfig) -> float | None:
     """Run the training task; return the metric a Hydra sweeper optimises, if any."""
     from lightning_modules.run_folder import resume_instruction
-    from lightning_modules.training import train
+    from lightning_modules.training import resume_folder, train
 
     try:
         summary = train(cfg)
     except SIGTERMException:
-        resume = resume_instruction(cfg.get("run_id"), cfg.paths.output_dir)
-        log.warning("training stopped on a signal after writing its checkpoint: %s", resume)
+        log.warning("training stopped on a signal; %s", resume_instruction(cfg.get("run_id"), resume_folder(cfg)))
         sys.exit(INTERRUPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:
         # leanlight raises these for input a user can fix, with the value and the fix in

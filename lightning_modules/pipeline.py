@@ -293,10 +293,6 @@ class Pipeline(ABC):
         cfg = copy.deepcopy(self.cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(self.stage_folder(name))
-            preemption = (cfg.get("callbacks") or {}).get("preemption")
-            if preemption and "run_folder" in preemption:
-                # A stage stopped by a signal resumes through the pipeline's folder, not its own.
-                preemption.run_folder = str(self.folder)
             for entry in (cfg.get("logger") or {}).values():
                 if entry and _is_wandb_logger(entry):
                     entry.group = self.run_name()

@@ -92,16 +92,20 @@ def slurm_restart_count() -> int:
 
 
 def resume_instruction(run_id: str | None, run_folder: str | Path) -> str:
-    """Return how to resume a run that a signal stopped, for its log message.
+    """Return how to resume a run that a signal stopped, for its last log line.
 
     A run id the user chose resumes with the same command. The SLURM-derived one resumes
-    only when SLURM requeues the job. A folder named by the time needs ``ckpt_path``.
+    when SLURM requeues the job, and otherwise needs the id (or the folder) named. A run
+    without an id, or with an empty one, has a folder named by the time and needs ``ckpt_path``.
     """
-    if run_id is not None and run_id != slurm_run_id():
+    if run_id and run_id != slurm_run_id():
         return f"running the same command (run_id={run_id}) resumes it"
-    if run_id is not None:
-        return f"the requeued SLURM job resumes it, or add ckpt_path={run_folder} to the command"
-    return f"add ckpt_path={run_folder} to the same command to resume it"
+    if run_id:
+        return (
+            f"a requeued SLURM job resumes it; otherwise set run_id={run_id} or ckpt_path={run_folder} "
+            "in the same command"
+        )
+    return f"set ckpt_path={run_folder} in the same command to resume it"
 
 
 def resumes_automatically(run_id: str | None) -> bool:

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lightning_modules.cluster import trainer_plugins
-from lightning_modules.pipeline import STATE_FILE, pipeline_class_of
+from lightning_modules.pipeline import STATE_FILE, pipeline_class_of, resolve_pipeline_folder
 from lightning_modules.run_folder import find_resume_checkpoint, resumes_automatically
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
 from lightning_modules.setup_run import (
@@ -149,6 +149,13 @@ def _test_weights(cfg: DictConfig, trainer: L.Trainer) -> str | None:
         log.warning("test_weights=best but no best checkpoint was saved; testing the final weights")
         return None
     return checkpoint.best_model_path
+
+
+def resume_folder(cfg: DictConfig) -> Path:
+    """Return the folder to resume this run from: the run's own, or a pipeline's (``ckpt_path`` when it resumed one)."""
+    if pipeline_class_of(cfg.get("module")) is not None:
+        return resolve_pipeline_folder(cfg)
+    return Path(cfg.paths.output_dir)
 
 
 def best_checkpoint_of_run(run_folder: str) -> str:

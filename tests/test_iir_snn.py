@@ -14,7 +14,7 @@ from lightning_modules.classifier import load_classifier_weights
 from lightning_modules.iir_snn import IIRSNNPipeline
 from lightning_modules.pipeline import STATE_FILE, PipelineState, load_stage_weights
 from lightning_modules.setup_run import instantiate_user_object
-from lightning_modules.training import train
+from lightning_modules.training import resume_folder, train
 from snn import convert_vgg_to_snn, measure_spike_statistics
 from tests.conftest import ROOT, compose_train_config
 
@@ -272,9 +272,13 @@ def test_trainer_length_override_is_named(tmp_path: Path, cache_dir: Path, caplo
     assert "has no effect" not in caplog.text
 
 
-def test_stage_preemption_names_pipeline_folder(tmp_path: Path, cache_dir: Path) -> None:
-    stage_cfg = IIRSNNPipeline(compose_pipeline(tmp_path, cache_dir)).stage_config("T1")
-    assert stage_cfg.callbacks.preemption.run_folder == str(tmp_path)
+def test_resumed_pipeline_resumes_from_its_folder(
+    uninterrupted: dict[str, Any], tmp_path: Path, cache_dir: Path
+) -> None:
+    # A signal stops a run that resumed the pipeline: the pipeline's folder, not the new run's, resumes it.
+    folder = uninterrupted["folder"]
+    assert resume_folder(compose_pipeline(tmp_path, cache_dir, f"ckpt_path={folder}")) == folder
+    assert resume_folder(compose_pipeline(tmp_path, cache_dir)) == tmp_path
 
 
 def test_each_stage_has_own_wandb_run(tmp_path: Path, cache_dir: Path) -> None:

@@ -170,7 +170,7 @@ def test_signal_writes_checkpoint_and_resumes(
 
     assert process.returncode == 143, output[-3000:]
     assert f"{signal_number.name} received: wrote {last}" in output
-    assert f"running the same command (run_id={run_id}) resumes it" in output
+    assert f"training stopped on a signal; running the same command (run_id={run_id}) resumes it" in output
     saved_step = checkpoint_step(last)
     assert 3 <= saved_step < STEPS_PER_EPOCH, f"checkpoint at step {saved_step} is not in the first epoch"
     assert not (folder / "summary.json").exists(), "the signalled run went on to test instead of stopping"
@@ -284,12 +284,14 @@ def test_resume_instruction_names_the_way(monkeypatch: pytest.MonkeyPatch) -> No
 
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(name, raising=False)
-    # A folder named by the time resumes only through ckpt_path.
-    assert (
-        resume_instruction(None, "logs/train/runs/x")
-        == "add ckpt_path=logs/train/runs/x to the same command to resume it"
-    )
-    assert resume_instruction("mine", "logs/train/runs/mine") == "running the same command (run_id=mine) resumes it"
+    # A folder named by the time (no run id, or an empty one) resumes only through ckpt_path.
+    for run_id in (None, ""):
+        assert resume_instruction(run_id, "runs/x") == "set ckpt_path=runs/x in the same command to resume it"
+    assert resume_instruction("mine", "runs/mine") == "running the same command (run_id=mine) resumes it"
 
+    # The SLURM-derived id resumes by itself only in a requeued job.
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert resume_instruction("slurm-4242", "f").startswith("the requeued SLURM job resumes it")
+    assert resume_instruction("slurm-4242", "runs/slurm-4242") == (
+        "a requeued SLURM job resumes it; otherwise set run_id=slurm-4242 or ckpt_path=runs/slurm-4242 "
+        "in the same command"
+    )

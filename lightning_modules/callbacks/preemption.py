@@ -23,8 +23,6 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_modules.run_folder import resume_instruction
-
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +56,6 @@ class PreemptionCheckpoint(L.Callback):
         requeue_signals: signals after which the SLURM job is requeued. SIGTERM is always
             handled (through Lightning's handler) but never requeues.
         requeue: run ``scontrol requeue`` (or submitit's requeue) after a requeue signal.
-        run_id, run_folder: the run's id and folder, which the log message names as the way to
-            resume (see :func:`lightning_modules.run_folder.resume_instruction`). The folder
-            defaults to ``dirpath``'s parent.
     """
 
     def __init__(
@@ -69,13 +64,8 @@ class PreemptionCheckpoint(L.Callback):
         filename: str = "last.ckpt",
         requeue_signals: Sequence[str] = ("SIGUSR1", "SIGUSR2"),
         requeue: bool = True,
-        run_id: str | None = None,
-        run_folder: str | None = None,
     ) -> None:
         self.path = Path(dirpath) / filename
-        # What the log messages tell the user to pass as ckpt_path; by train.py's layout the
-        # checkpoint folder's parent.
-        self.resume = resume_instruction(run_id, run_folder or Path(dirpath).parent)
         self.requeue_signals = [_signal_number(name) for name in requeue_signals]
         self.requeue = requeue
         self.received_signal: int | None = None
@@ -112,7 +102,7 @@ class PreemptionCheckpoint(L.Callback):
         self.written_step = trainer.global_step
         name = signal.Signals(self.received_signal).name if self.received_signal else "SIGTERM"
         if trainer.is_global_zero:
-            log.warning("%s received: wrote %s at step %d; %s", name, self.path, trainer.global_step, self.resume)
+            log.warning("%s received: wrote %s at step %d", name, self.path, trainer.global_step)
         if self.received_signal is not None and self.requeue:
             self._requeue(trainer, self.received_signal)
         raise SIGTERMException()
@@ -128,14 +118,14 @@ class PreemptionCheckpoint(L.Callback):
             return
         job_id = _slurm_job_id()
         if job_id is None:
-            log.warning("not inside a SLURM job, so nothing is requeued; %s", self.resume)
+            log.warning("not inside a SLURM job, so nothing is requeued")
             return
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         if result.returncode == 0:
             log.warning("requeued SLURM job %s", job_id)
         else:
             log.error(
-                "scontrol requeue %s failed with exit status %d: %s. Submit the same command again to resume",
+                "scontrol requeue %s failed with exit status %d: %s, so the job is not requeued",
                 job_id,
                 result.returncode,
                 result.stderr.strip(),
@@ -170,7 +160,7 @@ class PreemptionCheckpoint(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         self.written_step = trainer.global_step
-        log.warning("SIGTERM received: wrote %s at step %d; %s", self.path, trainer.global_step, self.resume)
+        log.warning("SIGTERM received: wrote %s at step %d", self.path, trainer.global_step)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()
