@@ -41,9 +41,13 @@ def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
 def load_classifier_weights(net: nn.Module, path: str | Path) -> None:
     """Load network weights into ``net`` from a checkpoint of :class:`ClassifierModule`, a run folder or a state dict.
 
-    A run folder stands for its ``checkpoints/last.ckpt``. The file is read weights-only, so
+    A run folder means its ``checkpoints/last.ckpt``. The file is read weights-only, so
     loading it runs no code from it.
     """
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(
+            f"weights file or run folder {path} not found; pass a run folder or .ckpt of a module=classifier run"
+        )
     resolved = resolve_checkpoint_path(str(path))
     checkpoint = torch.load(resolved, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
@@ -98,8 +102,8 @@ class ClassifierModule(LightningModule):
             and biases too (He et al. and most CIFAR recipes do); false exempts them.
         init_checkpoint: start training from the network weights of this checkpoint (see
             :func:`load_classifier_weights`), for example a dense network to prune or fine-tune.
-            The optimizer, schedule and epoch count start fresh. A resumed run restores its own
-            weights over them.
+            The optimizer, schedule and epoch count start fresh. A resumed run (``ckpt_path``, or
+            a run folder that resumes itself) does not load them.
     """
 
     def __init__(
@@ -148,7 +152,8 @@ class ClassifierModule(LightningModule):
         if example is not None:
             self.example_input_array = example
 
-        # Lightning restores a resumed run's checkpoint after setup, so it overwrites these weights.
+        # train() clears init_checkpoint when it resumes a run; Lightning would restore the
+        # resumed weights over these anyway, after setup.
         if stage == "fit" and self.init_checkpoint:
             load_classifier_weights(self.net, self.init_checkpoint)
             log.info("network weights loaded from module.init_checkpoint=%s", self.init_checkpoint)

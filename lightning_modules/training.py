@@ -68,7 +68,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         log_resolved_config(cfg, loggers)
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=_fit_checkpoint(cfg))
+            resume_checkpoint = _fit_checkpoint(cfg)
+            if resume_checkpoint is not None and getattr(module, "init_checkpoint", None):
+                # The resumed checkpoint has the run's weights, so the initial ones need not exist any more.
+                log.info("resuming, so module.init_checkpoint=%s is not loaded", module.init_checkpoint)
+                module.init_checkpoint = None
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
         if cfg.get("test", True):
             trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,30 @@ def test_init_checkpoint_loads_network_weights(compose_config: ComposeConfig, tm
         module.setup("fit")
         for key, value in net.state_dict().items():
             assert torch.equal(value, trained[f"net.{key}"]), f"{source}: {key}"
+
+
+def test_resume_does_not_need_init_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    folders = {name: tmp_path / name for name in ("dense", "finetuned", "resumed")}
+    options = {
+        "dense": (),
+        "finetuned": (f"module.init_checkpoint={folders['dense']}",),
+        # One epoch more than the fine-tuned run, from its checkpoint, with the dense run gone.
+        "resumed": (
+            f"module.init_checkpoint={folders['dense']}",
+            f"ckpt_path={folders['finetuned']}",
+            "trainer.max_epochs=2",
+        ),
+    }
+    for name, folder in folders.items():
+        if name == "resumed":
+            shutil.rmtree(folders["dense"])
+        cfg = compose_config(*DENSE_RUN, *options[name])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(folder)
+        train(cfg)
+
+    checkpoint = torch.load(folders["resumed"] / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["epoch"] == 1
 
 
 def test_init_checkpoint_of_other_model_is_named(compose_config: ComposeConfig, tmp_path: Path) -> None:
