@@ -1,6 +1,7 @@
 """Build the pieces of a run from a Hydra config: data, network, module, callbacks, loggers, trainer."""
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,30 @@ def instantiate_user_object(node: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as error:
         if isinstance(error.__cause__, (ValueError, FileNotFoundError)):
             raise error.__cause__ from None
-        if isinstance(error.__cause__, TypeError) and "unexpected keyword argument" in str(error.__cause__):
+        rejected = _rejected_setting(node, error.__cause__)
+        if rejected is not None:
             # Typically an experiment's setting for one model left behind when the command line
             # picks another model (experiment=iir_snn_digits model=resnet20).
             raise ValueError(
-                f"{node.get('_target_')} does not accept a setting of this config: {error.__cause__}. If an "
-                "experiment set it for another model or module, override that group's settings too or pick "
-                "a matching experiment"
-            ) from None
+                f"{node.get('_target_')} does not accept the setting {rejected!r} of this config "
+                f"({error.__cause__}). If an experiment set it for another model or module, remove it on the "
+                f"command line (for a model, ~model.{rejected}) or pick a matching experiment"
+            ) from error.__cause__
         raise
+
+
+def _rejected_setting(node: DictConfig, cause: BaseException | None) -> str | None:
+    """Return the config key that ``cause`` rejects as an unexpected keyword argument, else None.
+
+    A TypeError about a keyword that is not a key of ``node`` comes from code inside the
+    target, not from the config, and is left as it is.
+    """
+    if not isinstance(cause, TypeError):
+        return None
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    if match is None or match.group(1) not in node:
+        return None
+    return match.group(1)
 
 
 def instantiate_callbacks(callbacks_cfg: DictConfig | None, has_logger: bool) -> list[L.Callback]:

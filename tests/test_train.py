@@ -385,3 +385,22 @@ def test_epoch_line_counts_steps_without_max_epochs() -> None:
     by_steps = SimpleNamespace(current_epoch=10, max_epochs=-1, global_step=1200, max_steps=5000)
     assert progress_text(by_epochs) == "epoch 3/10"
     assert progress_text(by_steps) == "epoch 11, step 1200/5000"
+
+
+class NetWithTypo(torch.nn.Module):
+    """A network whose constructor has a bug: a misspelt keyword of nn.Conv2d."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, num_classes, 3, paddin=1)
+
+
+def test_type_error_inside_target_is_not_blamed_on_config() -> None:
+    from hydra.errors import InstantiationException
+    from omegaconf import OmegaConf
+
+    from lightning_modules.setup_run import instantiate_user_object
+
+    node = OmegaConf.create({"_target_": f"{__name__}.NetWithTypo"})
+    with pytest.raises(InstantiationException, match="paddin"):
+        instantiate_user_object(node, in_channels=1, num_classes=10)
