@@ -31,7 +31,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.frechet import (
+    FeatureNetwork,
     FrechetResult,
+    ReferenceData,
     frechet_distance_to_reference,
     inception_fid,
     load_feature_network,
@@ -66,7 +68,7 @@ log = logging.getLogger("sample")
 
 def run_sampling(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images from ``cfg.ckpt_path``, write the PNG and npz; return a report."""
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ValueError(
             "sample.py needs ckpt_path=<run folder or .ckpt> of a module=ddpm run, or the flow.pt of a SlimFlow "
             "stage with sampler=flow"
@@ -95,8 +97,9 @@ def run_sampling(cfg: DictConfig) -> dict[str, Any]:
         time_shift=OmegaConf.to_container(cfg.time_shift, resolve=True),
     )
     sampler = build_sampler(settings, denoiser.alphabar, denoiser.prediction_type)
-    # A missing feature checkpoint or weights file fails here, before minutes of sampling.
-    check_frechet_config(cfg.metrics)
+    # A missing feature checkpoint or weights file, or reference data of another shape, fails
+    # here, before minutes of sampling.
+    check_frechet_config(cfg.metrics, tuple(denoiser.image_shape))
     labels = None
     if denoiser.class_conditional:
         labels = cycle_class_labels(cfg.num_samples, net.num_classes, cfg.class_label)
@@ -217,8 +220,12 @@ def build_oms_handover(
     return OMSHandover(network, conditions, float(oms.guidance)), report
 
 
-def check_frechet_config(metrics: DictConfig) -> None:
-    """Raise ValueError, FileNotFoundError or ModuleNotFoundError when ``metrics.frechet`` lacks what it needs."""
+def check_frechet_config(metrics: DictConfig, image_shape: tuple[int, ...] | None = None) -> None:
+    """Raise ValueError, FileNotFoundError or ModuleNotFoundError when ``metrics.frechet`` lacks what it needs.
+
+    With the samples' ``image_shape`` ``(C, H, W)``, the reference data and the feature network
+    are loaded and checked too, so that a mismatch fails before any sampling.
+    """
     if metrics.frechet is None:
         return
     if metrics.frechet == "inception":
@@ -236,6 +243,46 @@ def check_frechet_config(metrics: DictConfig) -> None:
             f"metrics.frechet={metrics.frechet} is invalid; use null, inception, or the CIFAR ResNet "
             "of metrics.feature_checkpoint, such as resnet20"
         )
+    if image_shape is None:
+        return
+
+    channels, height, width = image_shape
+    reference = load_frechet_reference(metrics, (height, width, channels))
+    if metrics.frechet != "inception":
+        load_feature_network_of(metrics, reference)
+
+
+def load_frechet_reference(metrics: DictConfig, sample_shape: tuple[int, ...]) -> ReferenceData:
+    """Load the reference images of ``metrics.data`` and check them against samples of shape ``(H, W, C)``."""
+    datamodule = instantiate_user_object(metrics.data)
+    try:
+        reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
+    except DataError as error:
+        raise DataError(
+            f"the reference data of the Frechet distance (metrics.data) could not be loaded: {error}. For a "
+            "model trained on other data, set data@metrics.data=<its data config>, such as data@metrics.data=digits"
+        ) from None
+    if tuple(reference.images.shape[1:]) != tuple(sample_shape):
+        raise ValueError(
+            f"the samples are {tuple(sample_shape)} (height, width, channels) but the reference images of "
+            f"{reference.label} are {tuple(reference.images.shape[1:])}, so their Frechet distance would mean "
+            "nothing; set data@metrics.data (and its options, such as metrics.data.downsample_factor) to the data "
+            "the model was trained on"
+        )
+    return reference
+
+
+def load_feature_network_of(metrics: DictConfig, reference: ReferenceData) -> FeatureNetwork:
+    """Load ``metrics.feature_checkpoint`` with the reference data's normalisation and check its name."""
+    # NOTE: the checkpoint does not store the classifier's normalisation, so the reference data
+    # module's is used. It matches when metrics.data is the data config the classifier trained on.
+    network = load_feature_network(metrics.feature_checkpoint, reference.mean, reference.std)
+    if network.name.lower() != str(metrics.frechet).lower():
+        raise ValueError(
+            f"metrics.frechet={metrics.frechet} but {metrics.feature_checkpoint} contains a {network.name}; "
+            f"set metrics.frechet={network.name.lower()}"
+        )
+    return network
 
 
 def check_pipeline_folder(ckpt_path: str) -> None:
@@ -250,35 +297,13 @@ def check_pipeline_folder(ckpt_path: str) -> None:
 
 def compute_frechet(metrics: DictConfig, images: np.ndarray, device: torch.device, cache_dir: str) -> FrechetResult:
     """Compute the Frechet distance of uint8 samples ``(N, H, W, C)`` to the reference data ``metrics.data``."""
-    datamodule = instantiate_user_object(metrics.data)
-    try:
-        reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
-    except DataError as error:
-        raise DataError(
-            f"the reference data of the Frechet distance (metrics.data) could not be loaded: {error}. For a "
-            "model trained on other data, set data@metrics.data=<its data config>, such as data@metrics.data=digits"
-        ) from None
-    if reference.images.shape[1:] != images.shape[1:]:
-        raise ValueError(
-            f"the samples are {images.shape[1:]} (height, width, channels) but the reference images of "
-            f"{reference.label} are {reference.images.shape[1:]}, so their Frechet distance would mean nothing; "
-            "set data@metrics.data (and its options, such as metrics.data.downsample_factor) to the data the "
-            "model was trained on"
-        )
-
+    reference = load_frechet_reference(metrics, images.shape[1:])
     if metrics.frechet == "inception":
         return inception_fid(
             images, reference.images, reference.label, metrics.inception_weights, metrics.batch_size, device
         )
 
-    # NOTE: the checkpoint does not store the classifier's normalisation, so the reference data
-    # module's is used. It matches when metrics.data is the data config the classifier trained on.
-    network = load_feature_network(metrics.feature_checkpoint, reference.mean, reference.std)
-    if network.name.lower() != str(metrics.frechet).lower():
-        raise ValueError(
-            f"metrics.frechet={metrics.frechet} but {metrics.feature_checkpoint} contains a {network.name}; "
-            f"set metrics.frechet={network.name.lower()}"
-        )
+    network = load_feature_network_of(metrics, reference)
     statistics = reference_statistics(reference.images, network, reference.label, cache_dir, metrics.batch_size, device)
     return frechet_distance_to_reference(images, network, statistics, reference.label, metrics.batch_size, device)
 

@@ -395,8 +395,9 @@ def test_sample_rejects_other_checkpoint(tmp_path: Path) -> None:
 def test_sample_names_missing_checkpoint(tmp_path: Path) -> None:
     import sample
 
-    with pytest.raises(ValueError, match="sample.py needs ckpt_path="):
-        sample.run_sampling(compose_sample_config(f"output_dir={tmp_path / 'out'}"))
+    for missing in ((), ("ckpt_path=null",)):
+        with pytest.raises(ValueError, match="sample.py needs ckpt_path="):
+            sample.run_sampling(compose_sample_config(*missing, f"output_dir={tmp_path / 'out'}"))
 
 
 def test_sample_lists_stages_of_pipeline_folder(tmp_path: Path) -> None:

@@ -481,6 +481,8 @@ def test_sample_script_names_reference_data(
     monkeypatch.setattr(sample, "reference_data_from_datamodule", lambda *args, **kwargs: reference)
     with pytest.raises(ValueError, match=r"samples are \(8, 8, 1\) .* are \(32, 32, 3\)"):
         sample.run_sampling(compose_sample_config(*common, "data@metrics.data=digits"))
+    # Both errors come before sampling, so no samples were written.
+    assert not (tmp_path / "samples").exists()
 
 
 def test_sample_script_without_frechet(ddpm_digits_run: Path, tmp_path: Path) -> None:
