@@ -182,12 +182,16 @@ def best_checkpoint_of_run(run_folder: str) -> str:
         for state in last.get("callbacks", {}).values()
         if isinstance(state, dict) and state.get("monitor") and state.get("best_model_path")
     ]
-    candidates = [folder / "checkpoints" / name for name in names]
-    found = [path for path in candidates if path.is_file()]
+    if not names:
+        raise FileNotFoundError(
+            f"ckpt_path={run_folder} has no best checkpoint: its last.ckpt records none, as in a run without "
+            "validation. Use test_weights=last"
+        )
+    found = [folder / "checkpoints" / name for name in names if (folder / "checkpoints" / name).is_file()]
     if not found:
         raise FileNotFoundError(
-            f"ckpt_path={run_folder} has no best checkpoint: its last.ckpt records "
-            f"{', '.join(names) or 'none'}, and none is in {folder / 'checkpoints'}. Use test_weights=last"
+            f"the best checkpoint that {run_folder}'s last.ckpt records ({', '.join(names)}) is missing from "
+            f"{folder / 'checkpoints'}. Use test_weights=last"
         )
     return resolve_lightning_checkpoint(str(found[0]))
 

@@ -327,6 +327,12 @@ def test_test_only_run_picks_best_checkpoint(compose_config: ComposeConfig, tmp_
     )
     with pytest.raises(ValueError, match="is not a folder; pass the run folder"):
         train(bad)
+    best[0].unlink()
+    gone = compose_config(
+        "trainer.accelerator=cpu", "logger=none", "train=false", f"ckpt_path={tmp_path}", "test_weights=best"
+    )
+    with pytest.raises(FileNotFoundError, match=f"records \\({best[0].name}\\) is missing from"):
+        train(gone)
 
 
 def test_test_only_run_needs_checkpoint(compose_config: ComposeConfig) -> None:
