@@ -48,6 +48,7 @@ class RunRecord:
     technique: str
     run: str
     task_name: str | None = None
+    stage: str | None = None
     model: str | None = None
     data: str | None = None
     group: str | None = None
@@ -66,6 +67,7 @@ def record_from_summary(summary: dict[str, Any], run: str) -> RunRecord:
         technique=TECHNIQUES.get(module, module or "unknown"),
         run=run,
         task_name=summary.get("task_name"),
+        stage=summary.get("stage"),
         model=summary.get("model"),
         data=summary.get("data"),
         group=summary.get("group"),
@@ -129,12 +131,14 @@ def format_tables(records: list[RunRecord]) -> str:
             key=lambda record: (record.macs_per_sample is None, record.macs_per_sample or 0.0),
         )
         extra_keys = [key for key in EXTRA_COLUMNS if any(key in record.extra for record in rows)]
-        header = ["task", "model", "test top-1", "params", "MACs/sample", "energy/inference", "wall time"]
-        header += [EXTRA_COLUMNS[key][0] for key in extra_keys] + ["run"]
+        has_stages = any(record.stage for record in rows)
+        header = ["task", *(["stage"] if has_stages else []), "model", "test top-1", "params", "MACs/sample"]
+        header += ["energy/inference", "wall time", *(EXTRA_COLUMNS[key][0] for key in extra_keys), "run"]
         lines = [f"## {technique}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for record in rows:
             cells = [
                 record.task_name or "",
+                *([record.stage or ""] if has_stages else []),
                 record.model or "",
                 _format(record.test_acc, "{:.2%}"),
                 _format(record.params, "{:,}"),

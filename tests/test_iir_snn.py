@@ -124,6 +124,8 @@ def test_report_lists_stages_as_iir_snn(uninterrupted: dict[str, Any]) -> None:
     # The pipeline's overview repeats the last stage, so only the stages' own summaries are rows.
     assert str(folder) not in {record.run for record in records}
     assert str(folder / "stages" / "T1") in {record.run for record in records}
+    assert {"ann", "T2", "T1"} <= {record.stage for record in records}
+    assert "| task | stage | model |" in report.format_tables(records)
 
 
 def test_every_stage_finished_with_checkpoint(uninterrupted: dict[str, Any]) -> None:
