@@ -259,7 +259,7 @@ def load_frechet_reference(metrics: DictConfig, sample_shape: tuple[int, ...]) -
         reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
     except DataError as error:
         raise DataError(
-            f"the reference data of the Frechet distance (metrics.data) could not be loaded: {error}. For a "
+            f"loading the reference data of the Frechet distance (metrics.data) failed: {error}. For a "
             "model trained on other data, set data@metrics.data=<its data config>, such as data@metrics.data=digits"
         ) from None
     if tuple(reference.images.shape[1:]) != tuple(sample_shape):

@@ -14,6 +14,7 @@ from lightning import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.callbacks.flops import example_input_from_datamodule
+from lightning_modules.pipeline import load_stage_weights
 from lightning_modules.schedules import build_scheduler
 from lightning_modules.setup_run import resolve_checkpoint_path
 
@@ -49,13 +50,7 @@ def load_classifier_weights(net: nn.Module, path: str | Path) -> None:
             f"weights file or run folder {path} not found; pass a run folder or .ckpt of a module=classifier run"
         )
     resolved = resolve_checkpoint_path(str(path))
-    checkpoint = torch.load(resolved, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(
-            f"{resolved} does not contain a state dict but a {type(checkpoint).__name__}; pass a run folder or "
-            ".ckpt file of a module=classifier run, or a file saved with torch.save(net.state_dict())"
-        )
-    state = checkpoint.get("state_dict", checkpoint)
+    state = load_stage_weights(Path(resolved))
 
     # ClassifierModule keeps the network as its "net" attribute.
     prefixed = {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}

@@ -241,7 +241,7 @@ def test_load_feature_network_rejects_other_checkpoint(tmp_path: Path) -> None:
         load_feature_network(tmp_path / "missing.ckpt", CIFAR_MEAN, CIFAR_STD)
 
 
-def test_load_feature_network_rejects_pruned_checkpoint(tmp_path: Path) -> None:
+def test_feature_network_rejects_pruned(tmp_path: Path) -> None:
     # A pruned ResNet-20: the inner width of the first block is 8, not 16.
     state = create_model("resnet20", 3, 10).state_dict()
     state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:8]

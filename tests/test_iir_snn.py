@@ -274,9 +274,7 @@ def test_trainer_length_override_is_named(tmp_path: Path, cache_dir: Path, caplo
     assert "has no effect" not in caplog.text
 
 
-def test_resumed_pipeline_resumes_from_its_folder(
-    uninterrupted: dict[str, Any], tmp_path: Path, cache_dir: Path
-) -> None:
+def test_resume_folder_of_pipeline(uninterrupted: dict[str, Any], tmp_path: Path, cache_dir: Path) -> None:
     # A signal stops a run that resumed the pipeline: the pipeline's folder, not the new run's, resumes it.
     folder = uninterrupted["folder"]
     assert resume_folder(compose_pipeline(tmp_path, cache_dir, f"ckpt_path={folder}")) == folder
@@ -295,10 +293,10 @@ def test_each_stage_has_own_wandb_run(tmp_path: Path, cache_dir: Path) -> None:
     assert stage_cfg.paths.output_dir == str(tmp_path / "stages" / "T1")
 
 
-def test_experiment_model_setting_left_behind_is_named(tmp_path: Path, cache_dir: Path) -> None:
-    # The experiment's model.layout is a VGG setting; model=resnet20 does not take it.
+def test_leftover_model_setting_named(tmp_path: Path, cache_dir: Path) -> None:
+    # The experiment's model.layout is a VGG setting, which model=resnet20 does not take.
     with pytest.raises(ValueError, match="does not accept the setting 'layout' .*~model.layout"):
         train(compose_pipeline(tmp_path, cache_dir, "model=resnet20"))
-    # Removing it as the message says leads to the pipeline's own error for ResNets.
+    # With the setting removed as the message suggests, the pipeline raises its own error for ResNets.
     with pytest.raises(ValueError, match="residual"):
         train(compose_pipeline(tmp_path, cache_dir, "model=resnet20", "~model.layout"))

@@ -328,11 +328,11 @@ def test_test_only_run_picks_best_checkpoint(compose_config: ComposeConfig, tmp_
     with pytest.raises(ValueError, match="is not a folder; pass the run folder"):
         train(bad)
     best[0].unlink()
-    gone = compose_config(
+    missing_best = compose_config(
         "trainer.accelerator=cpu", "logger=none", "train=false", f"ckpt_path={tmp_path}", "test_weights=best"
     )
     with pytest.raises(FileNotFoundError, match=f"records \\({best[0].name}\\) is missing from"):
-        train(gone)
+        train(missing_best)
 
 
 def test_test_only_run_needs_checkpoint(compose_config: ComposeConfig) -> None:
@@ -384,7 +384,7 @@ def test_top5_only_above_five_classes() -> None:
     assert make(10).test_accuracy_top5 is not None
 
 
-def test_epoch_line_counts_steps_without_max_epochs() -> None:
+def test_epoch_line_counts_steps() -> None:
     from lightning_modules.callbacks.epoch_log import progress_text
 
     by_epochs = SimpleNamespace(current_epoch=2, max_epochs=10, global_step=30, max_steps=-1)
@@ -401,7 +401,7 @@ class NetWithTypo(torch.nn.Module):
         self.conv = torch.nn.Conv2d(in_channels, num_classes, 3, paddin=1)
 
 
-def test_type_error_inside_target_is_not_blamed_on_config() -> None:
+def test_target_type_error_kept() -> None:
     from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
 
