@@ -11,7 +11,8 @@ kept by the open gates towards ``1 - flops_reduction``. Once the gates have sett
 they are frozen, the closed channels are removed physically, and training continues
 on the smaller network to the end of the same run. At the end the extracted network
 is tested, and saved with a table of kept channels and plots under
-``<run folder>/pruning/``.
+``<run folder>/pruning/``. With ``prune_blocks`` each removable residual branch has a
+gate too, and a closed one is removed whole (layer pruning).
 """
 
 import copy
@@ -30,6 +31,8 @@ from lightning_modules.callbacks.flops import example_input_of
 from lightning_modules.classifier import ClassifierModule, OptimizerFactory
 from pruning import (
     ChannelGates,
+    block_costs,
+    branch_parameters,
     build_channel_graph,
     channel_costs,
     channel_table,
@@ -41,6 +44,7 @@ from pruning import (
     polarization_gradient_on_open,
     polarization_regularizer,
     remap_optimizer_state,
+    remove_residual_branches,
     round_kept_channels,
     save_pruned,
 )
@@ -89,6 +93,9 @@ class PolarizationModule(ClassifierModule):
         round_to: at the freeze, keep a multiple of this many channels in every group (or all
             of them), chosen by gate score, within the budget; CPU and GPU kernels run odd
             widths slower than their FLOPs suggest. 1 keeps any width.
+        prune_blocks: also give each removable residual branch one gate (layer pruning). It is
+            trained, regularized and budgeted like the channel gates. A closed block keeps only
+            its shortcut, and extraction replaces its layers (:mod:`pruning.blocks`).
         save_model: save the extracted network as ``<run folder>/pruning/pruned_model.pt``.
         init_checkpoint: a trained dense network to start from, in place of random weights
             (see :class:`ClassifierModule`). Its weights load before the gates are built.
@@ -115,6 +122,7 @@ class PolarizationModule(ClassifierModule):
         freeze_max_fraction: float = 0.5,
         fit_budget_at_freeze: bool = True,
         round_to: int = 1,
+        prune_blocks: bool = False,
         save_model: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
@@ -157,6 +165,7 @@ class PolarizationModule(ClassifierModule):
         self.budget_penalty = budget_penalty
         self.budget_gradient = budget_gradient
         self.budget_gradient_scale: dict[int, float] | None = None
+        self.block_gradient_scale: dict[int, float] | None = None
         self.gate_lr = gate_lr
         self.gate_init = gate_init
         self.freeze_stable_epochs = freeze_stable_epochs
@@ -167,6 +176,7 @@ class PolarizationModule(ClassifierModule):
         if round_to < 1:
             raise ValueError(f"round_to must be >= 1 (1 keeps any width), got {round_to}")
         self.round_to = round_to
+        self.prune_blocks = prune_blocks
         self.save_model = save_model
 
         self.graph = None
@@ -179,8 +189,10 @@ class PolarizationModule(ClassifierModule):
         self.freeze_epoch: int | None = None
         self.reduction_from_gates: float | None = None
         self.keep_masks: dict[int, torch.Tensor] | None = None
+        self.removed_blocks: set[int] = set()
         self.stable_epochs = 0
         self.last_masks: dict[int, torch.Tensor] | None = None
+        self.last_removed_blocks: set[int] | None = None
         self.score_history: list[tuple[int, torch.Tensor]] = []
         self.warned_polarization_direction = False
         self._report_callback: PruningReportCallback | None = None
@@ -197,25 +209,35 @@ class PolarizationModule(ClassifierModule):
         self.graph = build_channel_graph(self.net, example_input[:1])
         self.dense_macs = dense_macs(self.graph)
         self.dense_params = sum(parameter.numel() for parameter in self.net.parameters())
-        self.gates = ChannelGates(self.graph, init=self.gate_init).to(example_input.device)
+        self.gates = ChannelGates(self.graph, init=self.gate_init, blocks=self.prune_blocks).to(example_input.device)
         if self.budget_gradient == "per_gate":
             costs = channel_costs(self.graph)
             mean_cost = sum(costs.values()) / max(1, len(costs))
             self.budget_gradient_scale = {index: mean_cost / cost if cost > 0 else 1.0 for index, cost in costs.items()}
+            self.block_gradient_scale = {
+                index: mean_cost / cost if cost > 0 else 1.0 for index, cost in block_costs(self.graph).items()
+            }
         self.gates.attach(self.net)
         log.info(
-            "gated %d of %d channel groups (%d gates); dense network: %.4g MACs per sample",
+            "gated %d of %d channel groups (%d gates)%s; dense network: %.4g MACs per sample",
             len(self.graph.prunable_groups),
             len(self.graph.groups),
             sum(group.channels for group in self.graph.prunable_groups),
+            f" and {len(self.gates.block_scores)} residual blocks" if self.prune_blocks else "",
             self.dense_macs,
         )
+        if self.prune_blocks and not self.graph.blocks:
+            rank_zero_warn(
+                f"[pruning] prune_blocks=true, but {type(self.net).__name__} has no residual branch that can be "
+                "removed whole, so only channels are pruned"
+            )
 
     def kept_flops_fraction(self) -> float:
         """Return the fraction of dense MACs that the open gates (or the extracted network) keep."""
         masks = self.keep_masks if self.gates is None else self.gates.keep_masks()
+        removed = self.removed_blocks if self.gates is None else self.gates.removed_blocks()
         kept = {index: float(mask.sum()) for index, mask in (masks or {}).items()}
-        return float(macs_from_counts(self.graph, kept)) / self.dense_macs
+        return float(macs_from_counts(self.graph, kept, dict.fromkeys(removed, 0.0))) / self.dense_macs
 
     def cost_model(self) -> tuple[nn.Module, torch.Tensor]:
         """Return the network the cost callbacks count: while gated, an extracted copy with the current gates."""
@@ -225,6 +247,7 @@ class PolarizationModule(ClassifierModule):
         with self.gates.detached(self.net):
             network = copy.deepcopy(self.net)
         extract_subnetwork(network, self.graph, self.gates.keep_masks())
+        remove_residual_branches(network, self.graph, self.gates.removed_blocks())
         return network, example
 
     # -- training ----------------------------------------------------------------------
@@ -237,7 +260,8 @@ class PolarizationModule(ClassifierModule):
 
         polarization = polarization_regularizer(self.gates.all_scores(), self.polarization_t)
         counts = self.gates.kept_counts(straight_through=True, gradient_scale=self.budget_gradient_scale)
-        kept_macs = macs_from_counts(self.graph, counts)
+        blocks = self.gates.block_states(gradient_scale=self.block_gradient_scale)
+        kept_macs = macs_from_counts(self.graph, counts, blocks)
         kept_fraction = kept_macs / self.dense_macs
         target_reduction = self.target_reduction()
         excess = kept_fraction - (1.0 - target_reduction)
@@ -276,11 +300,14 @@ class PolarizationModule(ClassifierModule):
         if self.gates is None or self.frozen:
             return
         masks = self.gates.keep_masks()
+        removed = self.gates.removed_blocks()
         flips = 0
         if self.last_masks is not None:
             flips = sum(int((masks[index] != self.last_masks[index]).sum()) for index in masks)
+            flips += len(removed ^ (self.last_removed_blocks or set()))
         self.stable_epochs = self.stable_epochs + 1 if self.last_masks is not None and flips == 0 else 0
         self.last_masks = masks
+        self.last_removed_blocks = removed
         self.score_history.append((self.current_epoch, self.gates.all_scores().detach().cpu().clone()))
         self.log("pruning/flips", float(flips), sync_dist=True)
         self.log("pruning/flops_reduction", 1.0 - self.kept_flops_fraction(), sync_dist=True)
@@ -325,11 +352,13 @@ class PolarizationModule(ClassifierModule):
         self.reduction_from_gates = 1.0 - self.kept_flops_fraction()
         scores = {int(index): score for index, score in self.gates.scores.items()}
         masks = self.gates.keep_masks()
+        # The budget is met with channels alone: the blocks stay as their gates left them.
+        removed = self.gates.removed_blocks()
         if self.fit_budget_at_freeze:
-            masks = fit_masks_to_budget(self.graph, scores, self.flops_reduction, self.freeze_tolerance)
+            masks = fit_masks_to_budget(self.graph, scores, self.flops_reduction, self.freeze_tolerance, removed)
         if self.round_to > 1:
             masks = round_kept_channels(
-                self.graph, scores, masks, self.round_to, self.flops_reduction, self.freeze_tolerance
+                self.graph, scores, masks, self.round_to, self.flops_reduction, self.freeze_tolerance, removed
             )
         if self.fit_budget_at_freeze or self.round_to > 1:
             with torch.no_grad():
@@ -342,9 +371,10 @@ class PolarizationModule(ClassifierModule):
         else:
             self.extract(trainer.optimizers if trainer is not None else [])
         reduction = 1.0 - self.kept_flops_fraction()
+        blocks = f", {len(removed)} of {len(self.graph.blocks)} residual blocks removed" if self.prune_blocks else ""
         rank_zero_info(
             f"[pruning] gates frozen at epoch {self.freeze_epoch}: FLOPs reduction {100 * reduction:.1f}% "
-            f"(target {100 * self.flops_reduction:.1f}%)"
+            f"(target {100 * self.flops_reduction:.1f}%){blocks}"
         )
 
     def extract(self, optimizers: list[torch.optim.Optimizer]) -> None:
@@ -352,13 +382,17 @@ class PolarizationModule(ClassifierModule):
         if self.gates is None:
             return
         masks = self.gates.keep_masks()
-        gate_parameters = set(self.gates.parameters())
+        removed_blocks = self.gates.removed_blocks()
+        # Collected before extraction, because the optimizers hold the dense network's parameters.
+        dropped = set(self.gates.parameters()) | branch_parameters(self.net, self.graph, removed_blocks)
         self.gates.detach_from(self.net)
         extraction = extract_subnetwork(self.net, self.graph, masks)
+        remove_residual_branches(self.net, self.graph, removed_blocks)
         for optimizer in optimizers:
-            remap_optimizer_state(optimizer, extraction, removed=gate_parameters)
+            remap_optimizer_state(optimizer, extraction, removed=dropped)
         self.gates = None
         self.keep_masks = masks
+        self.removed_blocks = removed_blocks
         self.frozen = True
         self.extracted = True
         if self.channels_last:
@@ -399,8 +433,10 @@ class PolarizationModule(ClassifierModule):
             "freeze_epoch": self.freeze_epoch,
             "reduction_from_gates": self.reduction_from_gates,
             "keep_masks": {str(index): mask for index, mask in (self.keep_masks or {}).items()},
+            "removed_blocks": sorted(self.removed_blocks),
             "stable_epochs": self.stable_epochs,
             "last_masks": {str(index): mask for index, mask in (self.last_masks or {}).items()},
+            "last_removed_blocks": None if self.last_removed_blocks is None else sorted(self.last_removed_blocks),
             "score_history": [[epoch, scores] for epoch, scores in self.score_history],
         }
 
@@ -415,9 +451,17 @@ class PolarizationModule(ClassifierModule):
         if state["extracted"] and not self.extracted:
             # Rebuild the extracted architecture, so the checkpoint's smaller tensors fit.
             masks = {int(index): mask.bool() for index, mask in state["keep_masks"].items()}
+            removed_blocks = set(state.get("removed_blocks", []))
+            if removed_blocks and not self.prune_blocks:
+                raise ValueError(
+                    f"the checkpoint's network has {len(removed_blocks)} residual blocks removed, but this module "
+                    "has prune_blocks=false; set module.prune_blocks=true to load it"
+                )
             with torch.no_grad():
                 for index, mask in masks.items():
                     self.gates.scores[str(index)].copy_(mask.float())
+                for index, score in self.gates.block_scores.items():
+                    score.fill_(0.0 if int(index) in removed_blocks else 1.0)
             self.extract([])
         elif self.extracted and not state["extracted"]:
             raise ValueError(
@@ -428,6 +472,8 @@ class PolarizationModule(ClassifierModule):
         self.reduction_from_gates = state["reduction_from_gates"]
         self.stable_epochs = state["stable_epochs"]
         self.last_masks = {int(index): mask for index, mask in state["last_masks"].items()} or None
+        last_removed = state.get("last_removed_blocks")
+        self.last_removed_blocks = None if last_removed is None else set(last_removed)
         self.score_history = [(int(epoch), scores) for epoch, scores in state["score_history"]]
 
     # -- outputs -----------------------------------------------------------------------
@@ -454,6 +500,8 @@ class PolarizationModule(ClassifierModule):
             "pruning_dense_params": self.dense_params,
             "pruning_params": pruned_params,
             "pruning_freeze_epoch": self.freeze_epoch,
+            "pruning_blocks_removed": len(self.removed_blocks) if self.prune_blocks else None,
+            "pruning_blocks": len(self.graph.blocks) if self.prune_blocks else None,
         }
 
 
@@ -491,7 +539,7 @@ class PruningReportCallback(L.Callback):
     def _write_outputs(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
         folder = Path(trainer.default_root_dir) / "pruning"
         folder.mkdir(parents=True, exist_ok=True)
-        rows = channel_table(pl_module.graph, pl_module.keep_masks or {})
+        rows = channel_table(pl_module.graph, pl_module.keep_masks or {}, pl_module.removed_blocks)
         table = format_channel_table(rows)
         (folder / "channels.txt").write_text(table + "\n")
         save_channel_table(rows, folder / "channels.csv")
@@ -544,6 +592,10 @@ class PruningReportCallback(L.Callback):
             ),
             ("gates frozen at epoch", str(report["pruning_freeze_epoch"])),
         ]
+        if "pruning_blocks_removed" in report:
+            rows.append(
+                ("residual blocks removed", f"{report['pruning_blocks_removed']} of {report['pruning_blocks']}")
+            )
         if "pruning_channels_table" in report:
             rows.append(("kept channels per layer", report["pruning_channels_table"]))
         if "pruning_model_path" in report:

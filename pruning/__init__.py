@@ -9,15 +9,19 @@ pooling and residual additions::
     masks = gates.keep_masks()
     gates.detach_from(net)
     extract_subnetwork(net, graph, masks)  # net is now physically smaller
+    # With ChannelGates(graph, blocks=True), closed residual branches go too:
+    remove_residual_branches(net, graph, gates.removed_blocks())
     save_pruned("pruned.pt", net)
     net = load_pruned("pruned.pt")
 """
 
+from pruning.blocks import branch_parameters, remove_residual_branches
 from pruning.checkpoint import load_pruned, resize_to_state_dict, save_pruned
 from pruning.extract import Extraction, extract_subnetwork, remap_optimizer_state
 from pruning.gates import (
     ChannelGates,
     binary_gate,
+    block_costs,
     channel_costs,
     dense_macs,
     fit_masks_to_budget,
@@ -26,7 +30,7 @@ from pruning.gates import (
     polarization_regularizer,
     round_kept_channels,
 )
-from pruning.graph import ChannelGraph, ChannelGroup, UnsupportedModelError, build_channel_graph
+from pruning.graph import ChannelGraph, ChannelGroup, ResidualBlock, UnsupportedModelError, build_channel_graph
 from pruning.l1 import l1_norm_keep_masks
 from pruning.report import channel_table, format_channel_table
 
@@ -35,8 +39,11 @@ __all__ = [
     "ChannelGraph",
     "ChannelGroup",
     "Extraction",
+    "ResidualBlock",
     "UnsupportedModelError",
     "binary_gate",
+    "block_costs",
+    "branch_parameters",
     "build_channel_graph",
     "channel_costs",
     "channel_table",
@@ -50,6 +57,7 @@ __all__ = [
     "polarization_gradient_on_open",
     "polarization_regularizer",
     "remap_optimizer_state",
+    "remove_residual_branches",
     "resize_to_state_dict",
     "round_kept_channels",
     "save_pruned",

@@ -1,9 +1,10 @@
 """Save an extracted network with its architecture, and load it with one call.
 
-The file holds only the model's name and constructor arguments, its state dict and
-an optional report, so it loads with ``torch.load(weights_only=True)``. Loading
-builds the dense model by name and shrinks every layer to the shapes of the stored
-tensors, so the pruned widths need not be known in advance.
+The file holds only the model's name and constructor arguments, its state dict, the
+layers of removed residual branches and an optional report, so it loads with
+``torch.load(weights_only=True)``. Loading builds the dense model by name, puts the
+stand-ins of removed branches in place and shrinks every layer to the shapes of the
+stored tensors, so the pruned widths need not be known in advance.
 """
 
 import os
@@ -16,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from models import create_model
 from models.registry import MODEL_SPEC_ATTRIBUTE
+from pruning.blocks import removed_layers_of, replace_layers
 
 FORMAT = "leanlight-pruned-model/1"
 
@@ -42,7 +44,13 @@ def save_pruned(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
-    payload = {"format": FORMAT, "model": spec or model_spec_of(net), "state_dict": state_dict, "report": report or {}}
+    payload = {
+        "format": FORMAT,
+        "model": spec or model_spec_of(net),
+        "state_dict": state_dict,
+        "removed_layers": removed_layers_of(net),
+        "report": report or {},
+    }
 
     # Written beside the target and renamed over it, so an interrupted save never replaces a good file.
     partial = path.with_name(path.name + ".partial")
@@ -58,6 +66,8 @@ def load_pruned(path: str | Path, map_location: str | torch.device = "cpu") -> n
         raise ValueError(f"{path} is not a pruned model saved by pruning.save_pruned (format {FORMAT!r})")
     spec = dict(payload["model"])
     net = create_model(**spec)
+    # Files saved by earlier versions have no "removed_layers" entry.
+    replace_layers(net, payload.get("removed_layers", {}))
     resize_to_state_dict(net, payload["state_dict"])
     net.load_state_dict(payload["state_dict"], strict=True)
     return net.eval()

@@ -54,9 +54,13 @@ class ChannelGates(nn.Module):
     The gate sits where the consumers read the channels, after any activation. Gated
     before a ReLU, a closed channel would enter it at exactly 0, where the ReLU's
     gradient is 0, so the task loss could never reopen the gate.
+
+    With ``blocks=True`` every removable residual branch of ``graph.blocks`` also gets
+    one gate (layer pruning), under ``block_scores.<block index>``; it multiplies the
+    branch's output, so a closed block passes only its shortcut.
     """
 
-    def __init__(self, graph: ChannelGraph, init: float = 1.0) -> None:
+    def __init__(self, graph: ChannelGraph, init: float = 1.0, blocks: bool = False) -> None:
         super().__init__()
         if not 0.0 <= init <= 1.0:
             raise ValueError(f"gate init must be in [0, 1], got {init}")
@@ -69,7 +73,11 @@ class ChannelGates(nn.Module):
                 for group in graph.prunable_groups
             ]
         )
+        self.block_scores = nn.ParameterDict(
+            [(str(block.index), nn.Parameter(torch.tensor(float(init)))) for block in graph.blocks] if blocks else []
+        )
         self.hook_ids: dict[str, int] = {}
+        self.block_hook_ids: dict[str, int] = {}
 
     def attach(self, net: nn.Module) -> None:
         """Register the gating hooks on the consumers of every prunable group (``net`` is the traced network)."""
@@ -82,40 +90,62 @@ class ChannelGates(nn.Module):
             for name in group.consumers:
                 handle = net.get_submodule(name).register_forward_pre_hook(_GateHook(self, str(group.index)))
                 self.hook_ids[name] = handle.id
+        for block in self.graph.blocks:
+            if str(block.index) in self.block_scores:
+                handle = net.get_submodule(block.output).register_forward_hook(_BlockGateHook(self, str(block.index)))
+                self.block_hook_ids[block.output] = handle.id
 
     def detach_from(self, net: nn.Module) -> None:
         """Remove the gating hooks from ``net`` or from a deep copy of it."""
         for name, hook_id in self.hook_ids.items():
             net.get_submodule(name)._forward_pre_hooks.pop(hook_id, None)
+        for name, hook_id in self.block_hook_ids.items():
+            net.get_submodule(name)._forward_hooks.pop(hook_id, None)
 
     @contextlib.contextmanager
     def detached(self, net: nn.Module) -> Iterator[None]:
         """Remove the hooks for the duration of the block (to copy ``net`` without the gates), then restore them."""
-        saved = dict(self.hook_ids)
+        attached = bool(self.hook_ids or self.block_hook_ids)
         self.detach_from(net)
-        self.hook_ids = {}
+        self.hook_ids, self.block_hook_ids = {}, {}
         try:
             yield
         finally:
-            self.hook_ids = {}
-            if saved:
+            self.hook_ids, self.block_hook_ids = {}, {}
+            if attached:
                 self._register(net)
 
     def all_scores(self) -> torch.Tensor:
-        """Return every score, concatenated in the order of ``graph.prunable_groups`` (empty if nothing is prunable)."""
-        if not len(self.scores):
+        """Return every score: the channels' in the order of ``graph.prunable_groups``, then the blocks'."""
+        scores = [score for score in self.scores.values()] + [score.view(1) for score in self.block_scores.values()]
+        if not scores:
             return torch.zeros(0)
-        return torch.cat([score for score in self.scores.values()])
+        return torch.cat(scores)
 
     @torch.no_grad()
     def clamp_(self) -> None:
         """Clamp the scores to [0, 1] in place (after each optimizer step)."""
-        for score in self.scores.values():
+        for score in [*self.scores.values(), *self.block_scores.values()]:
             score.clamp_(0.0, 1.0)
 
     def keep_masks(self) -> dict[int, torch.Tensor]:
         """Return the open channels of each prunable group as boolean masks."""
         return {int(index): (score.detach() > THRESHOLD).cpu() for index, score in self.scores.items()}
+
+    def removed_blocks(self) -> set[int]:
+        """Return the indices of the blocks whose gate is closed."""
+        return {int(index) for index, score in self.block_scores.items() if float(score.detach()) <= THRESHOLD}
+
+    def block_states(self, gradient_scale: dict[int, float] | None = None) -> dict[int, torch.Tensor]:
+        """Return 1 for each open block and 0 for each closed one, with the straight-through gradient to its score.
+
+        ``gradient_scale`` multiplies the gradient of each block's state without changing its value.
+        """
+        states = {}
+        for index, score in self.block_scores.items():
+            scale = 1.0 if gradient_scale is None else gradient_scale[int(index)]
+            states[int(index)] = (score > THRESHOLD).to(score.dtype) + scale * (score - score.detach())
+        return states
 
     def kept_counts(
         self, straight_through: bool = False, gradient_scale: dict[int, float] | None = None
@@ -150,12 +180,29 @@ class _GateHook:
         return (features * gate.view(shape), *inputs[1:])
 
 
-def macs_from_counts(graph: ChannelGraph, kept: dict[int, torch.Tensor | float]) -> torch.Tensor:
+class _BlockGateHook:
+    """Forward hook that multiplies the output of a residual branch by its block's binary gate."""
+
+    def __init__(self, gates: ChannelGates, key: str) -> None:
+        self.gates = gates
+        self.key = key
+
+    def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return output * binary_gate(self.gates.block_scores[self.key]).to(output.dtype)
+
+
+def macs_from_counts(
+    graph: ChannelGraph,
+    kept: dict[int, torch.Tensor | float],
+    blocks: dict[int, torch.Tensor | float] | None = None,
+) -> torch.Tensor:
     """Return the MACs per sample of the convolutions and linear layers for the given kept channels per group.
 
     Groups missing from ``kept`` count in full. A group with nothing kept counts one
     channel, because extraction keeps one zeroed channel so that every layer stays valid.
-    This is the quantity ``torch.utils.flop_counter`` counts (conv and matmul only).
+    ``blocks`` gives 1 for a kept and 0 for a removed residual branch (missing: kept);
+    the layers of a removed branch cost nothing. This is the quantity
+    ``torch.utils.flop_counter`` counts (conv and matmul only).
     """
     counts: dict[int, torch.Tensor | float] = {}
     for group in graph.groups:
@@ -165,12 +212,17 @@ def macs_from_counts(graph: ChannelGraph, kept: dict[int, torch.Tensor | float])
             counts[group.index] = torch.where(value < 1, value.detach().clamp(min=1.0), value)
         else:
             counts[group.index] = max(1.0, float(value))
+    block_of_layer = {name: block.index for block in graph.blocks for name in block.layers}
     total: torch.Tensor | float = 0.0
     for layer in graph.layers:
         if layer.kind == "depthwise":
-            total = total + counts[layer.out_group] * layer.unit_macs
+            cost = counts[layer.out_group] * layer.unit_macs
         else:
-            total = total + counts[layer.in_group] * counts[layer.out_group] * layer.unit_macs
+            cost = counts[layer.in_group] * counts[layer.out_group] * layer.unit_macs
+        block = block_of_layer.get(layer.name)
+        if blocks is not None and block in blocks:
+            cost = cost * blocks[block]
+        total = total + cost
     # float64, so that counts of large networks stay exact integers.
     return torch.as_tensor(total, dtype=torch.float64) if not isinstance(total, torch.Tensor) else total
 
@@ -186,13 +238,25 @@ def channel_costs(graph: ChannelGraph) -> dict[int, float]:
     return {index: float(gradient) for index, gradient in zip(counts, gradients, strict=True)}
 
 
+def block_costs(graph: ChannelGraph) -> dict[int, float]:
+    """Return, per residual block, the MACs per sample that its branch costs in the dense network."""
+    return {
+        block.index: float(dense_macs(graph)) - float(macs_from_counts(graph, {}, {block.index: 0.0}))
+        for block in graph.blocks
+    }
+
+
 def dense_macs(graph: ChannelGraph) -> float:
     """Return the MACs per sample of the network with every channel kept."""
     return float(macs_from_counts(graph, {}))
 
 
 def fit_masks_to_budget(
-    graph: ChannelGraph, scores: dict[int, torch.Tensor], flops_reduction: float, tolerance: float
+    graph: ChannelGraph,
+    scores: dict[int, torch.Tensor],
+    flops_reduction: float,
+    tolerance: float,
+    removed_blocks: set[int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Return keep masks (``score > 0.5``) adjusted by score order until the MACs reduction is in the budget.
 
@@ -200,13 +264,15 @@ def fit_masks_to_budget(
     scores are closed until enough are. If more than ``flops_reduction + tolerance`` are
     removed, the closed channels with the highest scores are opened while the reduction
     stays at or above ``flops_reduction``. Returns the masks as they are when they already fit.
+    The blocks in ``removed_blocks`` stay removed and cost nothing.
     """
     masks = {index: (score.detach().cpu() > THRESHOLD).clone() for index, score in scores.items()}
     dense = dense_macs(graph)
+    blocks = dict.fromkeys(removed_blocks or (), 0.0)
 
     def reduction() -> float:
         kept = {index: float(mask.sum()) for index, mask in masks.items()}
-        return 1.0 - float(macs_from_counts(graph, kept)) / dense
+        return 1.0 - float(macs_from_counts(graph, kept, blocks)) / dense
 
     candidates = [
         (float(score), index, channel)
@@ -237,6 +303,7 @@ def round_kept_channels(
     multiple: int,
     flops_reduction: float,
     tolerance: float,
+    removed_blocks: set[int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Return masks that keep a multiple of ``multiple`` channels (or all) in every group, chosen by score.
 
@@ -247,7 +314,8 @@ def round_kept_channels(
     lowest-scoring channels steps down. While more than ``flops_reduction + tolerance``
     are removed, the group whose next step up opens the highest-scoring channels steps
     up, as long as the reduction stays at or above ``flops_reduction``. Within a group
-    the channels with the highest ``scores`` are kept.
+    the channels with the highest ``scores`` are kept. The blocks in ``removed_blocks``
+    stay removed and cost nothing.
     """
     if multiple <= 1:
         return {index: mask.clone() for index, mask in masks.items()}
@@ -259,10 +327,11 @@ def round_kept_channels(
         for index, mask in masks.items()
     }
     dense = dense_macs(graph)
+    blocks = dict.fromkeys(removed_blocks or (), 0.0)
 
     def reduction() -> float:
         kept = {index: float(count) for index, count in counts.items()}
-        return 1.0 - float(macs_from_counts(graph, kept)) / dense
+        return 1.0 - float(macs_from_counts(graph, kept, blocks)) / dense
 
     def mean_score(index: int, start: int, stop: int) -> float:
         return float(scores[index].detach().cpu().float()[ranked[index][start:stop]].mean())

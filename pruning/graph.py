@@ -132,12 +132,30 @@ class LayerCost:
 
 
 @dataclass
+class ResidualBlock:
+    """A residual branch that can be removed whole, leaving its block's shortcut.
+
+    The block computes ``shortcut + branch``. ``output`` is the layer whose output is the
+    branch operand of that addition: a gate on its output gates the branch. ``modules``
+    are every layer called on the branch (used nowhere else). ``layers`` are the
+    convolutions and linear layers among them, whose MACs the branch costs.
+    """
+
+    index: int
+    name: str
+    output: str
+    modules: list[str]
+    layers: list[str]
+
+
+@dataclass
 class ChannelGraph:
-    """Channel groups of a traced network and the cost of each of its layers."""
+    """Channel groups of a traced network, the cost of each of its layers and its removable residual branches."""
 
     groups: list[ChannelGroup]
     layers: list[LayerCost]
     input_shape: tuple[int, ...]
+    blocks: list[ResidualBlock] = field(default_factory=list)
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:
@@ -436,7 +454,8 @@ class _GraphBuilder:
             LayerCost(name, kind, group_of(in_space).index, group_of(out_space).index, cin, cout, unit)
             for name, kind, in_space, out_space, cin, cout, unit in self.layers
         ]
-        return ChannelGraph(groups=groups, layers=layers, input_shape=input_shape)
+        blocks = find_residual_blocks(self.traced)
+        return ChannelGraph(groups=groups, layers=layers, input_shape=input_shape, blocks=blocks)
 
 
 def build_channel_graph(net: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
@@ -454,6 +473,101 @@ def build_channel_graph(net: nn.Module, example_input: torch.Tensor) -> ChannelG
     finally:
         net.train(was_training)
     return _GraphBuilder(traced).build(tuple(example_input.shape))
+
+
+def find_residual_blocks(traced: fx.GraphModule) -> list[ResidualBlock]:
+    """Return the residual additions whose branch can be removed, in the order of the graph.
+
+    For an addition ``a + b`` the fork is the latest node that both operands depend on
+    (the block's input). The branch is the operand with more convolutions and linear
+    layers between the fork and the addition, and the shortcut has at most one (an
+    identity, a padding or a projection). An addition is left out in three cases: the
+    branch's nodes are used outside the block; the branch does not end in a layer called
+    once; that layer is not a convolution or linear layer and changes the shape of what
+    it reads, so zeros of its input's shape could not stand in for it.
+    """
+    nodes = list(traced.graph.nodes)
+    order = {node: position for position, node in enumerate(nodes)}
+    ancestors: dict[fx.Node, set[fx.Node]] = {}
+    for node in nodes:
+        ancestors[node] = {node}.union(*(ancestors[source] for source in node.all_input_nodes))
+    calls: dict[str, int] = {}
+    for node in nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+
+    blocks: list[ResidualBlock] = []
+    for node in nodes:
+        is_add = node.target in ADD_TARGETS or (node.op == "call_method" and node.target in ("add", "add_"))
+        operands = [argument for argument in node.args if isinstance(argument, fx.Node)]
+        if node.op not in ("call_function", "call_method") or not is_add or len(operands) != 2:
+            continue
+        block = _residual_block(traced, node, operands, ancestors, order, calls, index=len(blocks))
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _residual_block(
+    traced: fx.GraphModule,
+    add: fx.Node,
+    operands: list[fx.Node],
+    ancestors: dict[fx.Node, set[fx.Node]],
+    order: dict[fx.Node, int],
+    calls: dict[str, int],
+    index: int,
+) -> ResidualBlock | None:
+    common = ancestors[operands[0]] & ancestors[operands[1]]
+    if not common:
+        return None
+    fork = max(common, key=order.__getitem__)
+    paths = [ancestors[operand] - ancestors[fork] for operand in operands]
+
+    def weighted_layers(path: set[fx.Node]) -> list[fx.Node]:
+        return [
+            node
+            for node in sorted(path, key=order.__getitem__)
+            if node.op == "call_module" and isinstance(traced.get_submodule(str(node.target)), (nn.Conv2d, nn.Linear))
+        ]
+
+    layer_counts = [len(weighted_layers(path)) for path in paths]
+    branch_side = 0 if layer_counts[0] > layer_counts[1] else 1
+    branch, shortcut_layers = paths[branch_side], layer_counts[1 - branch_side]
+    output = operands[branch_side]
+    if layer_counts[branch_side] <= shortcut_layers or shortcut_layers > 1:
+        return None
+    if output.op != "call_module" or calls[str(output.target)] != 1:
+        return None
+    if any(user not in branch and user is not add for node in branch for user in node.users):
+        return None
+    output_module = traced.get_submodule(str(output.target))
+    if not isinstance(output_module, (nn.Conv2d, nn.Linear)):
+        sources = [source for source in output.all_input_nodes if _is_tensor(source)]
+        if len(sources) != 1 or _shape(sources[0]) != _shape(output):
+            return None
+
+    modules = [str(node.target) for node in sorted(branch, key=order.__getitem__) if node.op == "call_module"]
+    if any(calls[name] != 1 for name in modules):
+        return None
+    prefix = _common_prefix(modules)
+    return ResidualBlock(
+        index=index,
+        name=prefix or add.name,
+        output=str(output.target),
+        modules=modules,
+        layers=[str(node.target) for node in weighted_layers(branch)],
+    )
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [name.split(".") for name in names]
+    prefix: list[str] = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        prefix.append(pieces[0])
+    # A prefix that is itself one of the layers (a branch of one layer) names that layer, not a block.
+    return ".".join(prefix) if ".".join(prefix) not in names else ".".join(prefix[:-1])
 
 
 def _is_tensor(node: fx.Node) -> bool:

@@ -24,8 +24,15 @@ class LayerRow:
     macs_pruned: float
 
 
-def channel_table(graph: ChannelGraph, keep_masks: dict[int, torch.Tensor]) -> list[LayerRow]:
-    """Return one row per convolution and linear layer with its kept and total input and output channels."""
+def channel_table(
+    graph: ChannelGraph, keep_masks: dict[int, torch.Tensor], removed_blocks: set[int] | None = None
+) -> list[LayerRow]:
+    """Return one row per convolution and linear layer with its kept and total input and output channels.
+
+    A layer of a removed residual branch (``removed_blocks``) is of kind ``removed``, with
+    no channel kept and no MACs.
+    """
+    removed_layers = {name for block in graph.blocks if block.index in (removed_blocks or ()) for name in block.layers}
     kept = {group.index: group.channels for group in graph.groups}
     for index, mask in keep_masks.items():
         kept[index] = max(1, int(torch.as_tensor(mask).sum()))
@@ -38,16 +45,17 @@ def channel_table(graph: ChannelGraph, keep_masks: dict[int, torch.Tensor]) -> l
         else:
             dense = total[layer.in_group] * total[layer.out_group] * layer.unit_macs
             pruned = kept[layer.in_group] * kept[layer.out_group] * layer.unit_macs
+        removed = layer.name in removed_layers
         rows.append(
             LayerRow(
                 layer=layer.name,
-                kind=layer.kind,
-                in_kept=kept[layer.in_group],
+                kind="removed" if removed else layer.kind,
+                in_kept=0 if removed else kept[layer.in_group],
                 in_total=total[layer.in_group],
-                out_kept=kept[layer.out_group],
+                out_kept=0 if removed else kept[layer.out_group],
                 out_total=total[layer.out_group],
                 macs_dense=dense,
-                macs_pruned=pruned,
+                macs_pruned=0.0 if removed else pruned,
             )
         )
     return rows
@@ -111,7 +119,7 @@ def plot_gate_histograms(history: list[tuple[int, np.ndarray]], path: Path) -> P
     line_axis.set_yscale("symlog", linthresh=1.0)
     line_axis.set_ylim(bottom=0.0)
     line_axis.set_xlabel("gate score")
-    line_axis.set_ylabel("channels")
+    line_axis.set_ylabel("gates")
     line_axis.set_title("gate-score histograms")
     line_axis.legend()
     figure.tight_layout()

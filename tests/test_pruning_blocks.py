@@ -1,0 +1,274 @@
+"""Layer pruning: residual blocks found in the graph, gated, removed, costed, saved and resumed."""
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_modules.callbacks.flops import count_forward_cost
+from lightning_modules.polarization import PolarizationModule
+from lightning_modules.setup_run import instantiate_user_object
+from models import create_model
+from pruning import (
+    ChannelGates,
+    block_costs,
+    branch_parameters,
+    build_channel_graph,
+    channel_table,
+    dense_macs,
+    extract_subnetwork,
+    fit_masks_to_budget,
+    load_pruned,
+    macs_from_counts,
+    remap_optimizer_state,
+    remove_residual_branches,
+    save_pruned,
+)
+from pruning.blocks import RemovedConv2d
+from tests.conftest import ComposeConfig
+from tests.test_pruning import FAMILIES, _randomised_model
+from tests.test_pruning_training import SMALL
+
+
+def create(name: str, kwargs: dict) -> nn.Module:
+    return create_model(name, in_channels=3, num_classes=10, **kwargs)
+
+
+RESIDUAL_FAMILIES = [family for family in FAMILIES if family[0] != "vgg11_bn"]
+
+
+def _gated_with_blocks(net: nn.Module, closed_blocks: list[int], seed: int = 0):
+    """Gate ``net`` with half its channels and the blocks at the given positions of ``graph.blocks`` closed."""
+    graph = build_channel_graph(net, torch.zeros(1, 3, 32, 32))
+    gates = ChannelGates(graph, blocks=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for score in gates.scores.values():
+            score.copy_((torch.rand(score.shape, generator=generator) > 0.5).float() * 0.8 + 0.1)
+        for position in closed_blocks:
+            gates.block_scores[str(graph.blocks[position].index)].fill_(0.2)
+    gates.attach(net)
+    return graph, gates
+
+
+def _extract(net: nn.Module, graph, gates: ChannelGates) -> tuple[dict[int, torch.Tensor], set[int]]:
+    masks, removed = gates.keep_masks(), gates.removed_blocks()
+    gates.detach_from(net)
+    extract_subnetwork(net, graph, masks)
+    remove_residual_branches(net, graph, removed)
+    return masks, removed
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "blocks", "first_layers"),
+    [
+        ("resnet20", {"shortcut": "A"}, 9, ["layer1.0.conv1", "layer1.0.conv2"]),
+        ("resnet20", {"shortcut": "B"}, 9, ["layer1.0.conv1", "layer1.0.conv2"]),
+        ("resnet18", {}, 8, ["layer1.0.conv1", "layer1.0.conv2"]),
+        # Only MobileNetV2's stride-1 blocks of unchanged width have a shortcut.
+        ("mobilenetv2_050", {}, 10, ["blocks.1.1.conv_pw", "blocks.1.1.conv_dw", "blocks.1.1.conv_pwl"]),
+        ("vgg11_bn", {}, 0, None),
+    ],
+)
+def test_blocks_found_with_their_layers(name: str, kwargs: dict, blocks: int, first_layers: list[str] | None) -> None:
+    graph = build_channel_graph(create(name, kwargs), torch.zeros(1, 3, 32, 32))
+    assert len(graph.blocks) == blocks
+    if first_layers:
+        assert graph.blocks[0].layers == first_layers
+        assert graph.blocks[0].name == first_layers[0].rsplit(".", 1)[0]
+    # A projection shortcut belongs to the shortcut, never to the branch.
+    for block in graph.blocks:
+        assert not any("downsample" in layer or "shortcut" in layer for layer in block.modules)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), RESIDUAL_FAMILIES, ids=lambda value: str(value))
+def test_removed_blocks_match_gated_output_and_cost(name: str, kwargs: dict) -> None:
+    net = _randomised_model(name, kwargs)
+    graph, gates = _gated_with_blocks(net, closed_blocks=[0, 2, -1])
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        gated_output = net(images)
+        block = gates.block_scores[str(graph.blocks[0].index)]
+        block.fill_(0.9)
+        with_first_block = net(images)
+        block.fill_(0.2)
+    # The gate of the first block changes the output, so it gates something.
+    assert not torch.allclose(with_first_block, gated_output, atol=1e-3)
+
+    masks, removed = _extract(net, graph, gates)
+    with torch.no_grad():
+        extracted_output = net(images)
+
+    assert len(removed) == 3
+    assert torch.allclose(extracted_output, gated_output, atol=1e-5, rtol=0)
+    counted = count_forward_cost(net, images[:1]).macs
+    predicted = macs_from_counts(
+        graph, {index: float(mask.sum()) for index, mask in masks.items()}, dict.fromkeys(removed, 0.0)
+    )
+    assert counted == pytest.approx(float(predicted), abs=0.5)
+    for block in graph.blocks:
+        if block.index in removed:
+            for layer in block.layers:
+                assert not any(True for _ in net.get_submodule(layer).parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [RESIDUAL_FAMILIES[0], RESIDUAL_FAMILIES[3]], ids=["resnet20-A", "mobilenetv2_050"]
+)
+def test_pruned_model_with_removed_blocks_round_trips(name: str, kwargs: dict, tmp_path: Path) -> None:
+    net = _randomised_model(name, kwargs)
+    graph, gates = _gated_with_blocks(net, closed_blocks=[1, -1])
+    _extract(net, graph, gates)
+    path = save_pruned(tmp_path / "pruned.pt", net)
+
+    loaded = load_pruned(path)
+
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), net(images))
+    assert isinstance(loaded.get_submodule(graph.blocks[1].layers[0]), RemovedConv2d)
+    assert sum(parameter.numel() for parameter in loaded.parameters()) == sum(
+        parameter.numel() for parameter in net.parameters()
+    )
+
+
+def test_removed_stride_two_branch_keeps_output_shape() -> None:
+    # ResNet-20's layer2.0 halves the resolution; its stand-ins must too, or the addition fails.
+    net = _randomised_model("resnet20", {"shortcut": "A"})
+    graph, gates = _gated_with_blocks(net, closed_blocks=[3])
+    assert graph.blocks[3].name == "layer2.0"
+    _extract(net, graph, gates)
+    with torch.no_grad():
+        assert net.layer2[0](torch.randn(2, 16, 32, 32)).shape == (2, 32, 16, 16)
+
+
+def test_optimizer_drops_removed_branch() -> None:
+    net = _randomised_model("resnet20", {"shortcut": "B"}).train()
+    graph, gates = _gated_with_blocks(net, closed_blocks=[0])
+    optimizer = torch.optim.SGD(
+        [{"params": net.parameters()}, {"params": gates.parameters(), "lr": 0.5}], lr=0.1, momentum=0.9
+    )
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    F.cross_entropy(net(images), labels).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+    dropped = set(gates.parameters()) | branch_parameters(net, graph, gates.removed_blocks())
+    masks, removed = gates.keep_masks(), gates.removed_blocks()
+    gates.detach_from(net)
+    extraction = extract_subnetwork(net, graph, masks)
+    remove_residual_branches(net, graph, removed)
+    remap_optimizer_state(optimizer, extraction, removed=dropped)
+
+    assert set(optimizer.param_groups[0]["params"]) == set(net.parameters())
+    assert not any(parameter in optimizer.state for parameter in dropped)
+    F.cross_entropy(net(images), labels).backward()
+    optimizer.step()
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+
+
+def test_block_gate_gets_task_gradient() -> None:
+    net = _randomised_model("resnet20", {"shortcut": "A"}).train()
+    graph, gates = _gated_with_blocks(net, closed_blocks=[0])
+    F.cross_entropy(net(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    gradients = torch.stack([score.grad for score in gates.block_scores.values()])
+    # Closed or open, every block's gate learns from the task loss.
+    assert (gradients != 0).all()
+    assert len(gates.all_scores()) == sum(group.channels for group in graph.prunable_groups) + len(graph.blocks)
+
+
+def test_block_cost_is_its_branch() -> None:
+    graph = build_channel_graph(create("resnet20", {"shortcut": "A"}), torch.zeros(1, 3, 32, 32))
+    costs = block_costs(graph)
+    # layer1.0: two 3x3 convolutions, 16 to 16 channels at 32x32; layer3.2: the same at 64 channels and 8x8.
+    assert costs[graph.blocks[0].index] == 2 * 9 * 16 * 16 * 32 * 32
+    assert costs[graph.blocks[-1].index] == 2 * 9 * 64 * 64 * 8 * 8
+
+    # A removed block's inner channels cost nothing, so the budget fit leaves them alone.
+    removed = {graph.blocks[-1].index}
+    dense = dense_macs(graph)
+    scores = {group.index: torch.full((group.channels,), 0.9) for group in graph.prunable_groups}
+    masks = fit_masks_to_budget(graph, scores, flops_reduction=0.3, tolerance=0.02, removed_blocks=removed)
+    kept = {index: float(mask.sum()) for index, mask in masks.items()}
+    reduction = 1 - float(macs_from_counts(graph, kept, dict.fromkeys(removed, 0.0))) / dense
+    assert 0.3 <= reduction <= 0.32
+    rows = {row.layer: row for row in channel_table(graph, masks, removed)}
+    assert rows["layer3.2.conv1"].kind == "removed"
+    assert rows["layer3.2.conv1"].macs_pruned == 0.0
+    assert rows["layer3.1.conv1"].kind == "conv"
+
+
+class BranchUsedTwice(nn.Module):
+    """A residual addition whose branch output is read again after it, so the branch cannot be removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.stem(images)
+        branch = self.conv2(F.relu(self.conv1(features)))
+        features = features + branch
+        features = features + branch.relu()
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_branch_used_outside_block_is_not_a_block() -> None:
+    graph = build_channel_graph(BranchUsedTwice(), torch.zeros(1, 3, 16, 16))
+    assert graph.blocks == []
+
+
+def _module(compose_config: ComposeConfig, *overrides: str) -> PolarizationModule:
+    cfg = compose_config(*SMALL, *overrides)
+    net = instantiate_user_object(cfg.model, in_channels=1, num_classes=10)
+    module = instantiate_user_object(cfg.module, net=net, num_classes=10)
+    module.build_gates(torch.zeros(2, 1, 8, 8))
+    module.log = lambda *args, **kwargs: None
+    return module
+
+
+def test_module_checkpoint_restores_removed_blocks(compose_config: ComposeConfig) -> None:
+    module = _module(compose_config, "module.prune_blocks=true")
+    with torch.no_grad():
+        module.gates.block_scores[str(module.graph.blocks[1].index)].fill_(0.1)
+    module.extract([])
+    assert module.removed_blocks == {module.graph.blocks[1].index}
+    assert module.pruning_report()["pruning_blocks_removed"] == 1
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+
+    restored = _module(compose_config, "module.prune_blocks=true")
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"])
+
+    images = torch.randn(3, 1, 8, 8)
+    module.eval()
+    restored.eval()
+    with torch.no_grad():
+        assert torch.equal(restored(images), module(images))
+    assert restored.kept_flops_fraction() == module.kept_flops_fraction() < 1.0
+
+    without_blocks = _module(compose_config)
+    with pytest.raises(ValueError, match="module.prune_blocks=true"):
+        without_blocks.on_load_checkpoint(checkpoint)
+
+
+def test_block_flip_breaks_settling(compose_config: ComposeConfig) -> None:
+    module = _module(compose_config, "module.prune_blocks=true")
+    for epoch in range(2):
+        module.trainer = SimpleNamespace(current_epoch=epoch, max_epochs=10)
+        module.on_train_epoch_end()
+    assert module.stable_epochs == 1
+
+    with torch.no_grad():
+        module.gates.block_scores[str(module.graph.blocks[0].index)].fill_(0.1)
+    module.trainer = SimpleNamespace(current_epoch=2, max_epochs=10)
+    module.on_train_epoch_end()
+    assert module.stable_epochs == 0
