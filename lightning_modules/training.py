@@ -2,6 +2,7 @@
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _validate_test_weights(cfg)
     check_accelerator(cfg.trainer.get("accelerator"))
     _route_lightning_logs_through_root()
+    _silence_library_notices()
 
     # A module config whose _target_ is a Pipeline subclass runs its stages, each with its own Trainer.
     pipeline_class = pipeline_class_of(cfg.get("module"))
@@ -205,6 +207,28 @@ def _route_lightning_logs_through_root() -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 lightning_logger.removeHandler(handler)
         lightning_logger.propagate = True
+
+
+# Notices from the libraries that a user of leanlight can do nothing about. Lightning 2.6
+# calls a pytree API that torch 2.14 deprecates, once per batch loop. And Lightning
+# announces that a module's own callbacks "override" those passed to the Trainer each
+# time test follows fit, because the fit's instance is still attached: the modules here
+# return their report callbacks from configure_callbacks on purpose.
+LIBRARY_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+CALLBACK_OVERRIDE_NOTICE = "The following callbacks returned in `LightningModule.configure_callbacks` will override"
+
+
+class _DropCallbackOverrideNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(CALLBACK_OVERRIDE_NOTICE)
+
+
+def _silence_library_notices() -> None:
+    for pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(existing, _DropCallbackOverrideNotice) for existing in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_DropCallbackOverrideNotice())
 
 
 def _is_number(value: Any) -> bool:

@@ -32,6 +32,16 @@ def test_default_config_runs(compose_config: ComposeConfig) -> None:
     assert summary["task_name"] == "train"
 
 
+def test_run_shows_no_library_notices(
+    compose_config: ComposeConfig, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    # Lightning's callback "override" notice and a deprecation inside Lightning's pytree use
+    # appeared in every run, and a user can act on neither.
+    train(compose_config(*FAST))
+    assert not [record for record in caplog.records if "will override" in record.getMessage()]
+    assert not [warning for warning in recwarn if "LeafSpec" in str(warning.message)]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_one_batch(compose_config: ComposeConfig, experiment: str) -> None:
     # A small batch keeps the paper-scale experiments (VGG-16 over five SNN stages) quick on a CPU.
