@@ -32,6 +32,9 @@ class SaveGateScores(L.Callback):
         if pl_module.gates is None:
             return
         scores = {name: score.detach().cpu().clone() for name, score in pl_module.gates.scores.items()}
+        scores.update(
+            {f"block{name}": score.detach().cpu().clone() for name, score in pl_module.gates.block_scores.items()}
+        )
         masks = {str(index): mask.cpu() for index, mask in pl_module.gates.keep_masks().items()}
         path = self.folder / f"gates_epoch{trainer.current_epoch}_rank{trainer.global_rank}.pt"
         torch.save({"scores": scores, "masks": masks}, path)
@@ -77,6 +80,7 @@ def test_ddp_polarization_gates_match_across_ranks(tmp_path: Path) -> None:
     run_train(
         *DDP,
         "module=polarization",
+        "module.prune_blocks=true",
         "trainer.max_epochs=2",
         "trainer.limit_val_batches=2",
         "data.batch_size=32",
@@ -92,8 +96,10 @@ def test_ddp_polarization_gates_match_across_ranks(tmp_path: Path) -> None:
         rank0 = torch.load(gates_folder / f"{epoch}_rank0.pt", weights_only=True)
         rank1 = torch.load(gates_folder / f"{epoch}_rank1.pt", weights_only=True)
         assert rank0["scores"].keys() == rank1["scores"].keys()
+        assert any(name.startswith("block") for name in rank0["scores"])
         for name in rank0["scores"]:
-            assert torch.equal(rank0["scores"][name], rank1["scores"][name]), f"{epoch}: gate group {name} differs"
+            assert torch.equal(rank0["scores"][name], rank1["scores"][name]), f"{epoch}: gate {name} differs"
+        for name in rank0["masks"]:
             assert torch.equal(rank0["masks"][name], rank1["masks"][name]), f"{epoch}: keep mask {name} differs"
 
     # The pruned networks (after extraction at the end of fit) are identical too.
