@@ -45,6 +45,7 @@ from pruning import (
     polarization_regularizer,
     remap_optimizer_state,
     remove_residual_branches,
+    reopen_blocks_to_budget,
     round_kept_channels,
     save_pruned,
 )
@@ -352,9 +353,10 @@ class PolarizationModule(ClassifierModule):
         self.reduction_from_gates = 1.0 - self.kept_flops_fraction()
         scores = {int(index): score for index, score in self.gates.scores.items()}
         masks = self.gates.keep_masks()
-        # The budget is met with channels alone: the blocks stay as their gates left them.
         removed = self.gates.removed_blocks()
         if self.fit_budget_at_freeze:
+            masks = fit_masks_to_budget(self.graph, scores, self.flops_reduction, self.freeze_tolerance, removed)
+            removed = self._reopen_blocks_to_budget(masks, removed)
             masks = fit_masks_to_budget(self.graph, scores, self.flops_reduction, self.freeze_tolerance, removed)
         if self.round_to > 1:
             masks = round_kept_channels(
@@ -376,6 +378,17 @@ class PolarizationModule(ClassifierModule):
             f"[pruning] gates frozen at epoch {self.freeze_epoch}: FLOPs reduction {100 * reduction:.1f}% "
             f"(target {100 * self.flops_reduction:.1f}%){blocks}"
         )
+
+    def _reopen_blocks_to_budget(self, masks: dict[int, torch.Tensor], removed: set[int]) -> set[int]:
+        """Reopen removed blocks whose closing overshot the budget; move their scores just above the threshold."""
+        block_scores = {int(index): float(score.detach()) for index, score in self.gates.block_scores.items()}
+        still_removed = reopen_blocks_to_budget(
+            self.graph, masks, block_scores, removed, self.flops_reduction, self.freeze_tolerance
+        )
+        with torch.no_grad():
+            for index in removed - still_removed:
+                self.gates.block_scores[str(index)].fill_(0.51)
+        return still_removed
 
     def extract(self, optimizers: list[torch.optim.Optimizer]) -> None:
         """Remove closed channels from the network in place and slice the optimizers' state to match."""
@@ -448,15 +461,11 @@ class PolarizationModule(ClassifierModule):
             if state["input_shape"] is None:
                 raise ValueError("checkpoint has no pruning input shape, so its gates cannot be rebuilt")
             self.build_gates(torch.zeros(state["input_shape"], device=self.device))
+        self._check_block_gates_match(checkpoint, state)
         if state["extracted"] and not self.extracted:
             # Rebuild the extracted architecture, so the checkpoint's smaller tensors fit.
             masks = {int(index): mask.bool() for index, mask in state["keep_masks"].items()}
             removed_blocks = set(state.get("removed_blocks", []))
-            if removed_blocks and not self.prune_blocks:
-                raise ValueError(
-                    f"the checkpoint's network has {len(removed_blocks)} residual blocks removed, but this module "
-                    "has prune_blocks=false; set module.prune_blocks=true to load it"
-                )
             with torch.no_grad():
                 for index, mask in masks.items():
                     self.gates.scores[str(index)].copy_(mask.float())
@@ -475,6 +484,23 @@ class PolarizationModule(ClassifierModule):
         last_removed = state.get("last_removed_blocks")
         self.last_removed_blocks = None if last_removed is None else set(last_removed)
         self.score_history = [(int(epoch), scores) for epoch, scores in state["score_history"]]
+
+    def _check_block_gates_match(self, checkpoint: dict[str, Any], state: dict[str, Any]) -> None:
+        """Raise, naming the setting to change, when the checkpoint and this module disagree on block gates."""
+        block_gated = bool(state.get("removed_blocks")) or any(
+            ".block_scores." in key for key in checkpoint.get("state_dict", {})
+        )
+        if block_gated and not self.prune_blocks:
+            raise ValueError(
+                "the checkpoint was trained with gates on residual blocks, but this module has prune_blocks=false; "
+                "set module.prune_blocks=true to load it"
+            )
+        # After extraction no gate is left, so only a gated checkpoint lacks the block scores this module expects.
+        if not block_gated and not state.get("extracted") and self.prune_blocks and self.graph.blocks:
+            raise ValueError(
+                "the checkpoint was trained without gates on residual blocks, but this module has "
+                "prune_blocks=true; set module.prune_blocks=false to load it"
+            )
 
     # -- outputs -----------------------------------------------------------------------
 
@@ -500,9 +526,13 @@ class PolarizationModule(ClassifierModule):
             "pruning_dense_params": self.dense_params,
             "pruning_params": pruned_params,
             "pruning_freeze_epoch": self.freeze_epoch,
-            "pruning_blocks_removed": len(self.removed_blocks) if self.prune_blocks else None,
-            "pruning_blocks": len(self.graph.blocks) if self.prune_blocks else None,
+            **self._blocks_report(),
         }
+
+    def _blocks_report(self) -> dict[str, int]:
+        if not self.prune_blocks:
+            return {}
+        return {"pruning_blocks_removed": len(self.removed_blocks), "pruning_blocks": len(self.graph.blocks)}
 
 
 class PruningReportCallback(L.Callback):
@@ -592,7 +622,7 @@ class PruningReportCallback(L.Callback):
             ),
             ("gates frozen at epoch", str(report["pruning_freeze_epoch"])),
         ]
-        if "pruning_blocks_removed" in report:
+        if report.get("pruning_blocks_removed") is not None:
             rows.append(
                 ("residual blocks removed", f"{report['pruning_blocks_removed']} of {report['pruning_blocks']}")
             )

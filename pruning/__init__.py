@@ -28,6 +28,7 @@ from pruning.gates import (
     macs_from_counts,
     polarization_gradient_on_open,
     polarization_regularizer,
+    reopen_blocks_to_budget,
     round_kept_channels,
 )
 from pruning.graph import ChannelGraph, ChannelGroup, ResidualBlock, UnsupportedModelError, build_channel_graph
@@ -58,6 +59,7 @@ __all__ = [
     "polarization_regularizer",
     "remap_optimizer_state",
     "remove_residual_branches",
+    "reopen_blocks_to_budget",
     "resize_to_state_dict",
     "round_kept_channels",
     "save_pruned",

@@ -3,9 +3,11 @@
 A removed block still runs its own ``forward``, which adds the branch to the shortcut,
 so its layers cannot simply disappear. Each convolution and linear layer of the branch
 becomes a stand-in that returns zeros of the layer's output shape without computing
-anything. Each BatchNorm becomes an identity. The layer that ends the branch returns
-zeros, so the block passes its shortcut alone. What remains of a removed block is the
-allocation of those zeros and one addition.
+anything. Each BatchNorm (and any other layer with weights) becomes an identity. The
+layer that ends the branch returns zeros, so the block passes its shortcut alone. What
+remains of a removed block costs no multiply-accumulate: one zero tensor per replaced
+convolution or linear layer, at that layer's output size, the element-wise activations
+between them, and the addition.
 
 A saved pruned network records its stand-ins by name (:func:`removed_layers_of`), so
 that loading puts the same ones into the dense model before its weights load
@@ -93,6 +95,8 @@ def remove_residual_branches(net: nn.Module, graph: ChannelGraph, removed: set[i
     takes them (plain values, safe for ``torch.load(weights_only=True)``).
     """
     record: dict[str, dict[str, Any]] = {}
+    # With nested blocks the inner block's last layer is also inside the outer branch.
+    outputs = {block.output for block in graph.blocks if block.index in removed}
     for block in graph.blocks:
         if block.index not in removed:
             continue
@@ -102,7 +106,7 @@ def remove_residual_branches(net: nn.Module, graph: ChannelGraph, removed: set[i
                 record[name] = {"kind": "conv2d", "out_channels": module.out_channels}
             elif isinstance(module, nn.Linear):
                 record[name] = {"kind": "linear", "out_features": module.out_features}
-            elif name == block.output:
+            elif name in outputs:
                 record[name] = {"kind": "zeros_like"}
             elif isinstance(module, _BatchNorm) or any(True for _ in module.parameters(recurse=False)):
                 record[name] = {"kind": "identity"}

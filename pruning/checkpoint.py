@@ -20,6 +20,10 @@ from models.registry import MODEL_SPEC_ATTRIBUTE
 from pruning.blocks import removed_layers_of, replace_layers
 
 FORMAT = "leanlight-pruned-model/1"
+# Version 2 adds the stand-ins of removed residual branches. A network without any is
+# still written as version 1, which readers from before layer pruning can load.
+FORMAT_WITH_REMOVED_LAYERS = "leanlight-pruned-model/2"
+FORMATS = (FORMAT, FORMAT_WITH_REMOVED_LAYERS)
 
 
 def model_spec_of(net: nn.Module) -> dict[str, Any]:
@@ -44,11 +48,12 @@ def save_pruned(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
+    removed_layers = removed_layers_of(net)
     payload = {
-        "format": FORMAT,
+        "format": FORMAT_WITH_REMOVED_LAYERS if removed_layers else FORMAT,
         "model": spec or model_spec_of(net),
         "state_dict": state_dict,
-        "removed_layers": removed_layers_of(net),
+        "removed_layers": removed_layers,
         "report": report or {},
     }
 
@@ -62,11 +67,15 @@ def save_pruned(
 def load_pruned(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a network saved by :func:`save_pruned`, in eval mode, with ``torch.load(weights_only=True)``."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pruned model saved by pruning.save_pruned (format {FORMAT!r})")
+    if not isinstance(payload, dict) or payload.get("format") not in FORMATS:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"{path} is not a pruned model saved by pruning.save_pruned (format {found!r}, expected one of "
+            f"{', '.join(FORMATS)}); a newer format needs a newer leanlight"
+        )
     spec = dict(payload["model"])
     net = create_model(**spec)
-    # Files saved by earlier versions have no "removed_layers" entry.
+    # A version 1 file may have no "removed_layers" entry.
     replace_layers(net, payload.get("removed_layers", {}))
     resize_to_state_dict(net, payload["state_dict"])
     net.load_state_dict(payload["state_dict"], strict=True)

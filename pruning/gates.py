@@ -81,7 +81,7 @@ class ChannelGates(nn.Module):
 
     def attach(self, net: nn.Module) -> None:
         """Register the gating hooks on the consumers of every prunable group (``net`` is the traced network)."""
-        if self.hook_ids:
+        if self.hook_ids or self.block_hook_ids:
             raise RuntimeError("gates are already attached; call detach_from(net) first")
         self._register(net)
 
@@ -212,16 +212,20 @@ def macs_from_counts(
             counts[group.index] = torch.where(value < 1, value.detach().clamp(min=1.0), value)
         else:
             counts[group.index] = max(1.0, float(value))
-    block_of_layer = {name: block.index for block in graph.blocks for name in block.layers}
+    # A layer of a nested block belongs to the inner and the outer block, and removing either removes it.
+    blocks_of_layer: dict[str, list[int]] = {}
+    for block in graph.blocks:
+        for name in block.layers:
+            blocks_of_layer.setdefault(name, []).append(block.index)
     total: torch.Tensor | float = 0.0
     for layer in graph.layers:
         if layer.kind == "depthwise":
             cost = counts[layer.out_group] * layer.unit_macs
         else:
             cost = counts[layer.in_group] * counts[layer.out_group] * layer.unit_macs
-        block = block_of_layer.get(layer.name)
-        if blocks is not None and block in blocks:
-            cost = cost * blocks[block]
+        for block in blocks_of_layer.get(layer.name, []):
+            if blocks is not None and block in blocks:
+                cost = cost * blocks[block]
         total = total + cost
     # float64, so that counts of large networks stay exact integers.
     return torch.as_tensor(total, dtype=torch.float64) if not isinstance(total, torch.Tensor) else total
@@ -294,6 +298,36 @@ def fit_masks_to_budget(
             if reduction() <= flops_reduction + tolerance:
                 break
     return masks
+
+
+def reopen_blocks_to_budget(
+    graph: ChannelGraph,
+    masks: dict[int, torch.Tensor],
+    block_scores: dict[int, float],
+    removed_blocks: set[int],
+    flops_reduction: float,
+    tolerance: float,
+) -> set[int]:
+    """Return ``removed_blocks`` less the blocks reopened, highest score first, until the budget is not exceeded.
+
+    Closing channels cannot undo an overshoot that removed blocks caused. So while more
+    than ``flops_reduction + tolerance`` of the MACs are removed with the channels of
+    ``masks``, the removed block with the highest score reopens. The last block reopened
+    may leave the reduction below ``flops_reduction``; closing channels
+    (:func:`fit_masks_to_budget`) then makes up the difference.
+    """
+    dense = dense_macs(graph)
+    kept = {index: float(mask.sum()) for index, mask in masks.items()}
+    removed = set(removed_blocks)
+
+    def reduction() -> float:
+        return 1.0 - float(macs_from_counts(graph, kept, dict.fromkeys(removed, 0.0))) / dense
+
+    for block in sorted(removed_blocks, key=lambda index: block_scores[index], reverse=True):
+        if reduction() <= flops_reduction + tolerance:
+            break
+        removed.discard(block)
+    return removed
 
 
 def round_kept_channels(

@@ -74,6 +74,14 @@ CHANNELWISE_FUNCTIONS = {
     torch.tanh,
 }
 CHANNELWISE_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "float", "to"}
+# Channel-wise layers whose output shape can differ from their input's at another resolution.
+SHAPE_CHANGING_MODULES = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+)
 ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 FLATTEN_TARGETS = {torch.flatten}
 SHAPE_ONLY_METHODS = {"size", "dim"}
@@ -135,10 +143,12 @@ class LayerCost:
 class ResidualBlock:
     """A residual branch that can be removed whole, leaving its block's shortcut.
 
-    The block computes ``shortcut + branch``. ``output`` is the layer whose output is the
-    branch operand of that addition: a gate on its output gates the branch. ``modules``
-    are every layer called on the branch (used nowhere else). ``layers`` are the
-    convolutions and linear layers among them, whose MACs the branch costs.
+    The block computes ``shortcut + branch``. ``name`` is the module path that the
+    branch's layers share (``layer1.0``), or the addition's node name in the traced graph
+    (``add_3``) when they share none. ``output`` is the layer whose output is the branch
+    operand of that addition: a gate on its output gates the branch. ``modules`` are
+    every layer called on the branch (used nowhere else). ``layers`` are the convolutions
+    and linear layers among them, whose MACs the branch costs.
     """
 
     index: int
@@ -481,10 +491,16 @@ def find_residual_blocks(traced: fx.GraphModule) -> list[ResidualBlock]:
     For an addition ``a + b`` the fork is the latest node that both operands depend on
     (the block's input). The branch is the operand with more convolutions and linear
     layers between the fork and the addition, and the shortcut has at most one (an
-    identity, a padding or a projection). An addition is left out in three cases: the
-    branch's nodes are used outside the block; the branch does not end in a layer called
-    once; that layer is not a convolution or linear layer and changes the shape of what
-    it reads, so zeros of its input's shape could not stand in for it.
+    identity, a padding or a projection). An addition is left out when:
+
+    - its operands share no input, or have equally many such layers, or the shortcut has
+      more than one;
+    - a node of the branch is used outside the block, or a layer of the branch is called
+      more than once;
+    - the branch does not end in a layer (a function such as ``F.relu`` ends it);
+    - that layer is a pooling or flatten layer, or another layer that is not a
+      convolution or linear layer and changes the shape of what it reads: zeros of its
+      input's shape must be able to stand in for it at any resolution.
     """
     nodes = list(traced.graph.nodes)
     order = {node: position for position, node in enumerate(nodes)}
@@ -541,6 +557,8 @@ def _residual_block(
     if any(user not in branch and user is not add for node in branch for user in node.users):
         return None
     output_module = traced.get_submodule(str(output.target))
+    if isinstance(output_module, SHAPE_CHANGING_MODULES):
+        return None
     if not isinstance(output_module, (nn.Conv2d, nn.Linear)):
         sources = [source for source in output.all_input_nodes if _is_tensor(source)]
         if len(sources) != 1 or _shape(sources[0]) != _shape(output):

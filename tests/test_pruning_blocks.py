@@ -225,6 +225,105 @@ def test_branch_used_outside_block_is_not_a_block() -> None:
     assert graph.blocks == []
 
 
+class PoolEndedBranch(nn.Module):
+    """A branch ending in an adaptive pool, which keeps the shape only at the traced resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(16)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.stem(images)
+        features = features + self.pool(self.conv2(F.relu(self.conv1(features))))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_branch_ending_in_pool_is_not_a_block() -> None:
+    graph = build_channel_graph(PoolEndedBranch(), torch.zeros(1, 3, 16, 16))
+    assert graph.blocks == []
+
+
+class InnerBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(features)))))
+
+
+class NestedBlocks(nn.Module):
+    """An outer residual branch with an inner residual block inside it."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.pre = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.inner = InnerBlock(channels)
+        self.post = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.post_bn = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = F.relu(self.stem(images))
+        features = features + self.post_bn(self.post(self.inner(F.relu(self.pre(features)))))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("removed_names", [["inner"], [""], ["inner", ""]])
+def test_nested_blocks_cost_and_output(removed_names: list[str]) -> None:
+    torch.manual_seed(0)
+    net = NestedBlocks().eval()
+    graph = build_channel_graph(net, torch.zeros(1, 3, 16, 16))
+    by_name = {block.name: block for block in graph.blocks}
+    # The outer branch's layers share no module path, so it is named after its addition node.
+    outer = next(block for name, block in by_name.items() if name != "inner")
+    assert sorted(by_name) == sorted(["inner", outer.name])
+    assert block_costs(graph)[by_name["inner"].index] == 2 * 9 * 8 * 8 * 16 * 16
+
+    gates = ChannelGates(graph, blocks=True)
+    removed = {by_name["inner"].index if name == "inner" else outer.index for name in removed_names}
+    with torch.no_grad():
+        for index in removed:
+            gates.block_scores[str(index)].fill_(0.2)
+    gates.attach(net)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        gated_output = net(images)
+    _extract(net, graph, gates)
+
+    with torch.no_grad():
+        assert torch.allclose(net(images), gated_output, atol=1e-5, rtol=0)
+    counted = count_forward_cost(net, images[:1]).macs
+    assert counted == pytest.approx(float(macs_from_counts(graph, {}, dict.fromkeys(removed, 0.0))), abs=0.5)
+
+
+def test_gates_attach_once() -> None:
+    net = _randomised_model("resnet20", {"shortcut": "A"})
+    _, gates = _gated_with_blocks(net, closed_blocks=[])
+    with pytest.raises(RuntimeError, match="already attached"):
+        gates.attach(net)
+
+
+def test_save_format_names_removed_layers(tmp_path: Path) -> None:
+    net = _randomised_model("resnet20", {"shortcut": "A"})
+    plain = save_pruned(tmp_path / "plain.pt", net)
+    graph, gates = _gated_with_blocks(net, closed_blocks=[0])
+    _extract(net, graph, gates)
+    with_blocks = save_pruned(tmp_path / "blocks.pt", net)
+
+    # A network without removed blocks stays readable by readers of the first format.
+    assert torch.load(plain, weights_only=True)["format"] == "leanlight-pruned-model/1"
+    assert torch.load(with_blocks, weights_only=True)["format"] == "leanlight-pruned-model/2"
+
+
 def _module(compose_config: ComposeConfig, *overrides: str) -> PolarizationModule:
     cfg = compose_config(*SMALL, *overrides)
     net = instantiate_user_object(cfg.model, in_channels=1, num_classes=10)
@@ -258,6 +357,38 @@ def test_module_checkpoint_restores_removed_blocks(compose_config: ComposeConfig
     without_blocks = _module(compose_config)
     with pytest.raises(ValueError, match="module.prune_blocks=true"):
         without_blocks.on_load_checkpoint(checkpoint)
+
+
+def test_freeze_reopens_blocks_that_overshoot(compose_config: ComposeConfig) -> None:
+    # Five closed blocks remove about 56 % of the MACs; closing channels cannot undo that.
+    module = _module(compose_config, "module.prune_blocks=true", "module.flops_reduction=0.3", "module.round_to=4")
+    with torch.no_grad():
+        for position, block in enumerate(module.graph.blocks[:5]):
+            module.gates.block_scores[str(block.index)].fill_(0.1 + 0.05 * position)
+    assert 1 - module.kept_flops_fraction() > 0.5
+
+    module.freeze()
+
+    reduction = 1 - module.kept_flops_fraction()
+    assert 0.3 <= reduction <= 0.3 + module.freeze_tolerance
+    # The highest-scored closed blocks reopened first.
+    assert 0 < len(module.removed_blocks) < 5
+    assert module.graph.blocks[0].index in module.removed_blocks
+    assert module.graph.blocks[4].index not in module.removed_blocks
+
+
+def test_gated_checkpoint_names_block_setting(compose_config: ComposeConfig) -> None:
+    with_blocks = _module(compose_config, "module.prune_blocks=true")
+    checkpoint = {"state_dict": with_blocks.state_dict()}
+    with_blocks.on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="set module.prune_blocks=true"):
+        _module(compose_config).on_load_checkpoint(checkpoint)
+
+    without_blocks = _module(compose_config)
+    checkpoint = {"state_dict": without_blocks.state_dict()}
+    without_blocks.on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="set module.prune_blocks=false"):
+        _module(compose_config, "module.prune_blocks=true").on_load_checkpoint(checkpoint)
 
 
 def test_block_flip_breaks_settling(compose_config: ComposeConfig) -> None:

@@ -54,6 +54,8 @@ def test_run_meets_flops_target(compose_config: ComposeConfig, tmp_path: Path) -
     terminal = {line.split("  ")[1]: line.split("  ")[-1].strip() for line in format_summary(summary).splitlines()[2:]}
     assert terminal["FLOPs reduction"].startswith(f"{100 * summary['pruning_flops_reduction']:.1f} % (target 50.0 %")
     assert terminal["pruned model"].startswith(str(folder / "pruned_model.pt"))
+    # Without block gates the summary has no line about blocks.
+    assert "residual blocks removed" not in terminal
 
 
 def test_fit_start_counts_dense_network(compose_config: ComposeConfig) -> None:
