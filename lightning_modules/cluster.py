@@ -14,11 +14,19 @@ Who handles the preemption signals (one owner, so that handlers do not fight):
   so submitit still decides whether to requeue and counts ``max_num_timeout``.
 - SIGTERM stays with Lightning, which stops after the current batch. The callback
   writes the checkpoint first.
+- Between two Trainers (after fit and before test, or between the stages of a
+  pipeline) no Lightning handler is installed. :class:`SigtermRecorder` records a
+  SIGTERM there, so that a pipeline stops before its next stage and logs how to resume,
+  instead of the process ending without a word. Lightning calls it after its own
+  handler during fit and test.
 """
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -65,3 +73,31 @@ def trainer_plugins() -> list[Any]:
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
+
+
+class SigtermRecorder:
+    """Context manager that records a SIGTERM in ``received`` instead of letting it end the process.
+
+    Installed only in the main thread, where Python allows signal handlers; elsewhere it
+    records nothing. The previous handler is restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "SigtermRecorder":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._record)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _record(self, number: int, frame: FrameType | None) -> None:
+        self.received = True

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_modules.cluster import trainer_plugins
+from lightning_modules.cluster import SigtermRecorder, trainer_plugins
 from lightning_modules.pipeline import STATE_FILE, pipeline_class_of, resolve_pipeline_folder
 from lightning_modules.run_folder import find_resume_checkpoint, resumes_automatically
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
@@ -69,15 +69,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         log_resolved_config(cfg, loggers)
-        if cfg.get("train", True):
-            resume_checkpoint = _fit_checkpoint(cfg)
-            if resume_checkpoint is not None and getattr(module, "init_checkpoint", None):
-                # The resumed checkpoint has the run's weights, so the initial ones need not exist any more.
-                log.info("resuming, so module.init_checkpoint=%s is not loaded", module.init_checkpoint)
-                module.init_checkpoint = None
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
-        if cfg.get("test", True):
-            trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
+        with SigtermRecorder() as sigterm:
+            if cfg.get("train", True):
+                resume_checkpoint = _fit_checkpoint(cfg)
+                if resume_checkpoint is not None and getattr(module, "init_checkpoint", None):
+                    # The resumed checkpoint has the run's weights, so the initial ones need not exist any more.
+                    log.info("resuming, so module.init_checkpoint=%s is not loaded", module.init_checkpoint)
+                    module.init_checkpoint = None
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
+            if cfg.get("test", True):
+                trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
+        if sigterm.received:
+            log.warning("SIGTERM received after training had finished, so the run finished its test and summary first")
 
         output_dir = Path(cfg.paths.output_dir)
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, output_dir)

@@ -3,11 +3,14 @@
 import importlib.util
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
 from lightning_modules.classifier import load_classifier_weights
@@ -179,6 +182,29 @@ def test_reported_energy_matches_spike_statistics(uninterrupted: dict[str, Any],
     assert summary["estimated_inference_energy_uj"] == pytest.approx(statistics.snn_energy_pj / 1e6, rel=1e-9)
     # FlopsCallback counts only the first layer's MACs, once per timestep.
     assert summary["macs_per_sample"] == pytest.approx(statistics.snn_macs, rel=1e-9)
+
+
+def test_sigterm_between_stages_stops_pipeline(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No Lightning handler is installed between two stages' trainers, so without the
+    # pipeline's own the process would end there without a word.
+    original_mark_finished = PipelineState.mark_finished
+
+    def mark_finished_then_signal(state: PipelineState, name: str, *args: Any) -> None:
+        original_mark_finished(state, name, *args)
+        if name == "T2":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(PipelineState, "mark_finished", mark_finished_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SIGTERMException):
+        train(compose_pipeline(tmp_path, cache_dir))
+
+    stages = read_state(tmp_path)["stages"]
+    assert [stages[name]["finished"] for name in STAGES] == [True, True, True, False]
+    assert stages["T1"]["started_at"] is None
+    assert signal.getsignal(signal.SIGTERM) is handler_before
 
 
 def test_resumed_pipeline_skips_finished_stages(uninterrupted: dict[str, Any], tmp_path: Path, cache_dir: Path) -> None:
