@@ -14,11 +14,10 @@ Who handles the preemption signals (one owner, so that handlers do not fight):
   so submitit still decides whether to requeue and counts ``max_num_timeout``.
 - SIGTERM stays with Lightning, which stops after the current batch. The callback
   writes the checkpoint first.
-- Between two Trainers (after fit and before test, or between the stages of a
-  pipeline) no Lightning handler is installed. :class:`SigtermRecorder` records a
-  SIGTERM there, so that a pipeline stops before its next stage and logs how to resume,
-  instead of the process ending without a word. Lightning calls it after its own
-  handler during fit and test.
+- Outside fit and test (between them, between a pipeline's stages, or in a stage
+  without a Trainer) no Lightning handler is installed. There :class:`SigtermStops`
+  raises Lightning's ``SIGTERMException``, so that ``train.py`` logs how to resume
+  instead of the process ending without a word.
 """
 
 import logging
@@ -34,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,27 @@ def trainer_plugins() -> list[Any]:
     return plugins
 
 
-class SigtermRecorder:
-    """Context manager that records a SIGTERM in ``received`` instead of letting it end the process.
+class SigtermStops:
+    """Context manager that turns a SIGTERM into :class:`SIGTERMException` wherever no Trainer handles it.
 
-    Installed only in the main thread, where Python allows signal handlers; elsewhere it
-    records nothing. The previous handler is restored on exit.
+    During fit and test Lightning's own handler is installed and calls this one after
+    it; then this one does nothing, and training stops at the end of the batch. Elsewhere
+    (between fit and test, between a pipeline's stages, or in a stage without a Trainer
+    such as reflow pair generation) the exception is raised at once, so ``train.py`` logs
+    how to resume. Installed only in the main thread, where Python allows signal handlers.
+    The previous handler is restored on exit.
     """
 
     def __init__(self) -> None:
-        self.received = False
+        # One bound method, so that the handler can recognise itself with ``is``.
+        self._handler = self._handle
         self._previous: Any = None
         self._installed = False
 
-    def __enter__(self) -> "SigtermRecorder":
+    def __enter__(self) -> "SigtermStops":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._record)
+            signal.signal(signal.SIGTERM, self._handler)
             self._installed = True
         return self
 
@@ -99,5 +104,8 @@ class SigtermRecorder:
             signal.signal(signal.SIGTERM, self._previous)
             self._installed = False
 
-    def _record(self, number: int, frame: FrameType | None) -> None:
-        self.received = True
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        if signal.getsignal(signal.SIGTERM) is not self._handler:
+            return
+        log.warning("SIGTERM received while no Trainer was running, so the run stops here")
+        raise SIGTERMException()

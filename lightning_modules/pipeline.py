@@ -40,10 +40,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_modules.cluster import SigtermRecorder, trainer_plugins
+from lightning_modules.cluster import trainer_plugins
 from lightning_modules.run_summary import collect_summary, describe_run, save_summary
 from lightning_modules.seeds import STAGE_STREAM, derive_seed
 from lightning_modules.setup_run import (
@@ -250,22 +249,11 @@ class Pipeline(ABC):
 
         self.state = PipelineState.open(self.folder / STATE_FILE, self.name, names, self.recorded_config())
         log.info("pipeline %s in %s: stages %s", self.name, self.folder, ", ".join(names))
-        with SigtermRecorder() as sigterm:
-            self.run_stages(stages, sigterm)
-        return self.report(time.perf_counter() - start)
-
-    def run_stages(self, stages: list[Stage], sigterm: SigtermRecorder) -> None:
-        """Run every unfinished stage in order; stop before the next one once a SIGTERM was recorded."""
         for index, stage in enumerate(stages):
             record = self.state.stages[stage.name]
             if record.finished:
                 log.info("stage %s finished in an earlier run, so it is skipped", stage.name)
                 continue
-            if sigterm.received:
-                log.warning(
-                    "SIGTERM received after the previous stage had trained, so stage %s does not start", stage.name
-                )
-                raise SIGTERMException()
 
             context = self.stage_context(stage.name, index)
             # Each stage starts from its own seed, so a stage draws the same numbers
@@ -281,6 +269,8 @@ class Pipeline(ABC):
             checkpoint = None if result.checkpoint is None else self._relative(result.checkpoint)
             self.state.mark_finished(stage.name, checkpoint, result.summary)
             log.info("stage %s finished", stage.name)
+
+        return self.report(time.perf_counter() - start)
 
     def stage_folder(self, name: str) -> Path:
         """Return the output folder of stage ``name``."""

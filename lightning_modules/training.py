@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_modules.cluster import SigtermRecorder, trainer_plugins
+from lightning_modules.cluster import SigtermStops, trainer_plugins
 from lightning_modules.pipeline import STATE_FILE, pipeline_class_of, resolve_pipeline_folder
 from lightning_modules.run_folder import find_resume_checkpoint, resumes_automatically
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
@@ -46,7 +46,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if pipeline_class is not None:
         _log_pipeline_resume(cfg)
         try:
-            return pipeline_class(cfg).run()
+            with SigtermStops():
+                return pipeline_class(cfg).run()
         finally:
             _close_wandb()
 
@@ -69,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     try:
         log_resolved_config(cfg, loggers)
-        with SigtermRecorder() as sigterm:
+        with SigtermStops():
             if cfg.get("train", True):
                 resume_checkpoint = _fit_checkpoint(cfg)
                 if resume_checkpoint is not None and getattr(module, "init_checkpoint", None):
@@ -79,8 +80,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
             if cfg.get("test", True):
                 trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
-        if sigterm.received:
-            log.warning("SIGTERM received after training had finished, so the run finished its test and summary first")
 
         output_dir = Path(cfg.paths.output_dir)
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, output_dir)

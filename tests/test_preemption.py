@@ -18,8 +18,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import open_dict
 
+from lightning_modules.cluster import SigtermStops
 from lightning_modules.training import train
 from tests.conftest import ROOT, ComposeConfig
 
@@ -295,3 +297,28 @@ def test_resume_instruction_names_the_way(monkeypatch: pytest.MonkeyPatch) -> No
         "a requeued SLURM job resumes it; otherwise set run_id=slurm-4242 or ckpt_path=runs/slurm-4242 "
         "in the same command"
     )
+
+
+def test_sigterm_outside_trainer_raises() -> None:
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with SigtermStops(), pytest.raises(SIGTERMException):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs at the next bytecode; this only bounds the wait
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def test_sigterm_inside_trainer_left_to_lightning() -> None:
+    # Lightning's handler during fit and test calls the one it replaced; that one must then do nothing.
+    calls = []
+    with SigtermStops():
+        replaced = signal.getsignal(signal.SIGTERM)
+
+        def lightning_like(number: int, frame: Any) -> None:
+            calls.append(number)
+            replaced(number, frame)
+
+        signal.signal(signal.SIGTERM, lightning_like)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        signal.signal(signal.SIGTERM, replaced)
+    assert calls == [signal.SIGTERM]
