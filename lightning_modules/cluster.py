@@ -79,11 +79,11 @@ class SigtermStops:
     """Context manager that turns a SIGTERM into :class:`SIGTERMException` wherever no Trainer handles it.
 
     During fit and test Lightning's own handler is installed and calls this one after
-    it; then this one does nothing, and training stops at the end of the batch. Elsewhere
-    (between fit and test, between a pipeline's stages, or in a stage without a Trainer
-    such as reflow pair generation) the exception is raised at once, so ``train.py`` logs
-    how to resume. Installed only in the main thread, where Python allows signal handlers.
-    The previous handler is restored on exit.
+    it. This one then does nothing, and training stops at the end of the batch. Elsewhere
+    the exception is raised at once: between fit and test, between a pipeline's stages,
+    or in a stage without a Trainer (reflow pair generation). ``train.py`` then logs how
+    to resume. The handler is installed only in the main thread, where Python allows
+    signal handlers, and the previous one is restored on exit.
     """
 
     def __init__(self) -> None:
