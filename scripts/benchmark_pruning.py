@@ -18,8 +18,10 @@ the budget of every arm alike, and the table prints the budget it was measured a
   ResNet-20 (batch 256, channels-last, eval mode, median of several timed runs; the
   two networks alternate so that load from other processes affects both alike).
 
-Each arm writes ``<output>/<arm>.json``; ``report`` prints the table from them. The
-arms can run in parallel processes (``--threads 1`` each):
+Each arm writes ``<output>/<arm>.json``; ``report`` prints the table from them. Any
+other ``<name>.json`` in the folder (an arm's result copied under a new name, such as a
+polarization run with ``--override module.prune_blocks=true``) is timed and reported as
+well. The arms can run in parallel processes (``--threads 1`` each):
 
     for arm in dense polarization l1; do
         python scripts/benchmark_pruning.py --arm $arm --threads 1 --output /tmp/bench &
@@ -197,7 +199,10 @@ def measure_speed(results: dict[str, dict[str, Any]], rounds: int, batch_size: i
 
 
 def load_results(output: Path) -> dict[str, dict[str, Any]]:
-    return {arm: json.loads((output / f"{arm}.json").read_text()) for arm in ARMS if (output / f"{arm}.json").is_file()}
+    """Return the results in ``output``: the standard arms first, then any other ``<name>.json`` by name."""
+    files = {path.stem: path for path in output.glob("*.json") if path.stem != "speed"}
+    names = [arm for arm in ARMS if arm in files] + sorted(name for name in files if name not in ARMS)
+    return {name: json.loads(files[name].read_text()) for name in names}
 
 
 def print_report(output: Path, dense_accuracy: float | None) -> None:
@@ -211,10 +216,13 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
     if results:
         budget = next(iter(results.values()))
         print(f"budget of every arm: {budget['epochs']} epochs; overrides: {' '.join(budget['overrides']) or 'none'}")
+        for arm, result in results.items():
+            if result["overrides"] != budget["overrides"]:
+                print(f"  except {arm}: overrides {' '.join(result['overrides']) or 'none'}")
         rounding = {result.get("round_to", 1) for arm, result in results.items() if arm != "dense"}
         print(f"kept channels rounded to a multiple of: {', '.join(str(value) for value in sorted(rounding))}")
     header = (
-        f"{'arm':<13} {'epochs':>6} {'top-1':>7} {'vs dense':>8} {'FLOPs red.':>10} {'params red.':>11} "
+        f"{'arm':<20} {'epochs':>6} {'top-1':>7} {'vs dense':>8} {'FLOPs red.':>10} {'params red.':>11} "
         f"{'FLOPs ratio':>11} {'speed-up':>8} {'speed/FLOPs':>11} {'wall':>7}"
     )
     print(header)
@@ -226,7 +234,7 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
             ratio = speed["dense"]["median_s"] / speed[arm]["median_s"]
             speed_up, speed_cell = f"{ratio:.2f}x", f"{ratio / flops_ratio:.2f}"
         print(
-            f"{arm:<13} {result['epochs']:>6} {100 * result['test_acc']:>6.2f}% {accuracy_gap:>8} "
+            f"{arm:<20} {result['epochs']:>6} {100 * result['test_acc']:>6.2f}% {accuracy_gap:>8} "
             f"{100 * (1 - result['macs'] / result['dense_macs']):>9.1f}% "
             f"{100 * (1 - result['params'] / result['dense_params']):>10.1f}% {flops_ratio:>10.2f}x "
             f"{speed_up:>8} {speed_cell:>11} {result['wall_s'] / 60:>5.1f}min"
@@ -234,7 +242,7 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
     if speed:
         print(f"inference, batch 256, channels-last, {threads} threads, median of timed runs:")
         for name, values in speed.items():
-            print(f"  {name:<13} {values['median_s'] * 1e3:8.1f} ms/batch  {values['images_per_s']:8.0f} images/s")
+            print(f"  {name:<20} {values['median_s'] * 1e3:8.1f} ms/batch  {values['images_per_s']:8.0f} images/s")
 
 
 def main() -> None:

@@ -283,3 +283,14 @@ def test_time_shift_counts_paired_seeds(time_shift_script):
     assert shifted["seeds"] == 2
     assert shifted["paired_seeds"] == 1
     assert "| 1/1 |" in time_shift_script.format_table(time_shift_script.summarise(entries), entries)
+
+
+def test_pruning_results_include_renamed_runs(tmp_path: Path) -> None:
+    script = load_script("benchmark_pruning")
+    for name in ("polarization_blocks", "l1", "dense", "polarization", "speed"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"arm": name}))
+
+    results = script.load_results(tmp_path)
+
+    # The standard arms in their order, then renamed runs by name; speed.json is not a run.
+    assert list(results) == ["dense", "polarization", "l1", "polarization_blocks"]
