@@ -29,13 +29,18 @@ INTERRUPTED_EXIT_STATUS = 143
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Run the training task; return the metric a Hydra sweeper optimises, if any."""
+    from lightning_modules.pipeline import pipeline_class_of
     from lightning_modules.run_folder import resume_instruction
     from lightning_modules.training import resume_folder, train
 
     try:
         summary = train(cfg)
     except SIGTERMException:
-        log.warning("training stopped on a signal; %s", resume_instruction(cfg.get("run_id"), resume_folder(cfg)))
+        if cfg.get("train", True) or pipeline_class_of(cfg.get("module")) is not None:
+            log.warning("training stopped on a signal; %s", resume_instruction(cfg.get("run_id"), resume_folder(cfg)))
+        else:
+            # A test-only run writes no checkpoint of its own, so there is nothing to resume.
+            log.warning("testing stopped on a signal; run the same command again to test")
         sys.exit(INTERRUPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:
         # leanlight raises these for input a user can fix, with the value and the fix in

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import lightning as L
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -107,5 +108,17 @@ class SigtermStops:
     def _handle(self, number: int, frame: FrameType | None) -> None:
         if signal.getsignal(signal.SIGTERM) is not self._handler:
             return
-        log.warning("SIGTERM received while no Trainer was running, so the run stops here")
+        log.warning("SIGTERM received outside fit and test, so the run stops here")
+        raise SIGTERMException()
+
+
+def stop_if_sigterm_received(trainer: L.Trainer, phase: str) -> None:
+    """Raise :class:`SIGTERMException` if a SIGTERM reached ``trainer``'s handler during ``phase`` (fit or test).
+
+    Lightning's handler stays installed while fit and test wind down (``on_fit_end``,
+    where pruning writes its files, and the end of the test loop) and there it only sets
+    ``trainer.received_sigterm``. Without this check such a signal would be ignored.
+    """
+    if trainer.received_sigterm:
+        log.warning("SIGTERM received while %s was finishing, so the run stops here", phase)
         raise SIGTERMException()

@@ -42,7 +42,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_modules.cluster import trainer_plugins
+from lightning_modules.cluster import stop_if_sigterm_received, trainer_plugins
 from lightning_modules.run_summary import collect_summary, describe_run, save_summary
 from lightning_modules.seeds import STAGE_STREAM, derive_seed
 from lightning_modules.setup_run import (
@@ -402,7 +402,9 @@ def run_lightning_stage(
         log_resolved_config(cfg, loggers)
         if fit:
             trainer.fit(module, datamodule=datamodule, ckpt_path=context.resume_checkpoint)
+            stop_if_sigterm_received(trainer, "fit")
         trainer.test(module, datamodule=datamodule, ckpt_path=_best_checkpoint(cfg, trainer) if fit else None)
+        stop_if_sigterm_received(trainer, "test")
 
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, context.folder)
         # The run's task, technique and model, so that a report places the stage with its pipeline.

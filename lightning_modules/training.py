@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_modules.cluster import SigtermStops, trainer_plugins
+from lightning_modules.cluster import SigtermStops, stop_if_sigterm_received, trainer_plugins
 from lightning_modules.pipeline import STATE_FILE, pipeline_class_of, resolve_pipeline_folder
 from lightning_modules.run_folder import find_resume_checkpoint, resumes_automatically
 from lightning_modules.run_summary import collect_summary, describe_run, format_summary, save_summary
@@ -78,8 +78,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     log.info("resuming, so module.init_checkpoint=%s is not loaded", module.init_checkpoint)
                     module.init_checkpoint = None
                 trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
+                stop_if_sigterm_received(trainer, "fit")
             if cfg.get("test", True):
                 trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
+                stop_if_sigterm_received(trainer, "test")
 
         output_dir = Path(cfg.paths.output_dir)
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, output_dir)

@@ -322,3 +322,53 @@ def test_sigterm_inside_trainer_left_to_lightning() -> None:
         time.sleep(0.1)
         signal.signal(signal.SIGTERM, replaced)
     assert calls == [signal.SIGTERM]
+
+
+class SigtermAt(L.Callback):
+    """Send SIGTERM to this process from the hook named ``hook`` (``on_fit_end`` or ``on_test_end``)."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.hook == "on_fit_end":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.hook == "on_test_end":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("hook", ["on_fit_end", "on_test_end"])
+def test_sigterm_as_fit_or_test_ends_stops_run(compose_config: ComposeConfig, tmp_path: Path, hook: str) -> None:
+    # Lightning's handler is still installed there and only sets a flag; the run used to go on and exit 0.
+    cfg = compose_config("module=classifier", "trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=1")
+    with open_dict(cfg):
+        cfg.callbacks.sigterm = {"_target_": f"{__name__}.SigtermAt", "hook": hook}
+    with pytest.raises(SIGTERMException):
+        train(cfg)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_signalled_test_only_run_says_rerun(tmp_path: Path, compose_config: ComposeConfig) -> None:
+    trained = compose_config("module=classifier", "trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=1")
+    train(trained)
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "module=classifier",
+        "trainer.accelerator=cpu",
+        "logger=none",
+        "train=false",
+        f"ckpt_path={tmp_path}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"+callbacks.sigterm._target_={__name__}.SigtermAt",
+        "+callbacks.sigterm.hook=on_test_end",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+
+    assert result.returncode == 143, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "testing stopped on a signal; run the same command again to test" in output
+    assert "ckpt_path=" not in output.split("testing stopped on a signal")[-1]

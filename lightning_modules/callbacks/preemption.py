@@ -143,9 +143,11 @@ class PreemptionCheckpoint(L.Callback):
 
     def _write_after_sigterm(self, trainer: L.Trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or not trainer.training:
+            phase = "testing" if trainer.testing else "validation"
             log.warning(
-                "training stopped on SIGTERM outside a training batch (during validation), so %s was not "
-                "written at this step. A resume starts from the last checkpoint written before",
+                "stopped on SIGTERM during %s, outside a training batch, so %s was not written at this step. "
+                "A resume starts from the last checkpoint written before",
+                phase,
                 self.path,
             )
             return
