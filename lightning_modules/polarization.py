@@ -257,6 +257,10 @@ class PolarizationModule(ClassifierModule):
         # The classifier computes and logs the cross-entropy and accuracy; the gate terms are added here.
         task_loss = super().training_step(batch, batch_index)
         if self.gates is None or self.frozen:
+            # Logged after the freeze too, or the epoch log would repeat the last gated epoch's value.
+            self.log(
+                "train/total_loss", task_loss, on_step=False, on_epoch=True, batch_size=len(batch[1]), sync_dist=True
+            )
             return task_loss
 
         polarization = polarization_regularizer(self.gates.all_scores(), self.polarization_t)
@@ -373,7 +377,9 @@ class PolarizationModule(ClassifierModule):
         else:
             self.extract(trainer.optimizers if trainer is not None else [])
         reduction = 1.0 - self.kept_flops_fraction()
-        blocks = f", {len(removed)} of {len(self.graph.blocks)} residual blocks removed" if self.prune_blocks else ""
+        blocks = ""
+        if self.prune_blocks and self.graph.blocks:
+            blocks = f", {len(removed)} of {len(self.graph.blocks)} residual blocks removed"
         rank_zero_info(
             f"[pruning] gates frozen at epoch {self.freeze_epoch}: FLOPs reduction {100 * reduction:.1f}% "
             f"(target {100 * self.flops_reduction:.1f}%){blocks}"
@@ -565,6 +571,13 @@ class PruningReportCallback(L.Callback):
         self.report = pl_module.pruning_report()
         self._write_outputs(trainer, pl_module)
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
+        # A run resumed from a checkpoint of a finished fit, or one that only tests, skips
+        # on_train_end; its report comes from the restored, extracted network.
+        if not self.report and pl_module.extracted:
+            self.report = pl_module.pruning_report()
+            self._write_outputs(trainer, pl_module)
+
     @rank_zero_only
     def _write_outputs(self, trainer: L.Trainer, pl_module: PolarizationModule) -> None:
         folder = Path(trainer.default_root_dir) / "pruning"
@@ -622,7 +635,9 @@ class PruningReportCallback(L.Callback):
             ),
             ("gates frozen at epoch", str(report["pruning_freeze_epoch"])),
         ]
-        if report.get("pruning_blocks_removed") is not None:
+        if report.get("pruning_blocks") == 0:
+            rows.append(("residual blocks removed", "none: the network has no removable residual block"))
+        elif report.get("pruning_blocks_removed") is not None:
             rows.append(
                 ("residual blocks removed", f"{report['pruning_blocks_removed']} of {report['pruning_blocks']}")
             )

@@ -29,19 +29,25 @@ def polarization_regularizer(scores: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def polarization_gradient_on_open(scores: torch.Tensor, t: float) -> float | None:
-    """Return the mean gradient of R(s) over the open gates, or None unless some gates are open and some closed.
+    """Return the mean gradient of R(s) over the open gates above the mean score, or None.
 
     The gradient of R on a gate above the mean of all scores is ``t - 2 * (1 - f)``, ``f``
     being the fraction of scores above the mean. A positive value means that R pulls the
     open gates down towards the threshold, where they flip at random, instead of up to 1.
     Then ``t`` is too large for the fraction of gates kept, and R does not separate them.
+    Open gates below the mean are left out: R pushes them down for any ``t``, as it
+    pushes every gate below the mean, and that is the polarization at work. None unless
+    some gates are open and some closed.
     """
     scores = scores.detach().double().requires_grad_(True)
     open_gates = scores.detach() > THRESHOLD
     if not open_gates.any() or open_gates.all():
         return None
+    above_mean = open_gates & (scores.detach() > scores.detach().mean())
+    if not above_mean.any():
+        return None
     (gradient,) = torch.autograd.grad(polarization_regularizer(scores, t), scores)
-    return float(gradient[open_gates].mean())
+    return float(gradient[above_mean].mean())
 
 
 class ChannelGates(nn.Module):

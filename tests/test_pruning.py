@@ -178,6 +178,13 @@ def test_polarization_gradient_on_open_gates(t: float, pulls_down: bool) -> None
     assert (gradient > 0) == pulls_down
 
 
+def test_polarization_gradient_ignores_open_gates_below_mean() -> None:
+    # 80 gates at 1, 10 open at 0.6 (below the mean of 0.86), 10 closed: f = 0.8, so the
+    # gates above the mean get t - 0.4, and t = 0.3 separates them.
+    scores = torch.cat([torch.ones(80), torch.full((10,), 0.6), torch.zeros(10)])
+    assert polarization_gradient_on_open(scores, 0.3) == pytest.approx(0.3 - 0.4)
+
+
 def test_polarization_gradient_needs_both_states() -> None:
     assert polarization_gradient_on_open(torch.ones(10), 1.2) is None
     assert polarization_gradient_on_open(torch.zeros(10), 1.2) is None

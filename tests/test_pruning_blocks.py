@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_modules.callbacks.flops import count_forward_cost
-from lightning_modules.polarization import PolarizationModule
+from lightning_modules.polarization import PolarizationModule, PruningReportCallback
 from lightning_modules.setup_run import instantiate_user_object
 from models import create_model
 from pruning import (
@@ -403,3 +403,22 @@ def test_block_flip_breaks_settling(compose_config: ComposeConfig) -> None:
     module.trainer = SimpleNamespace(current_epoch=2, max_epochs=10)
     module.on_train_epoch_end()
     assert module.stable_epochs == 0
+
+
+def test_summary_says_when_no_block_exists() -> None:
+    callback = PruningReportCallback()
+    callback.report = {
+        "pruning_flops_reduction": 0.5,
+        "pruning_flops_reduction_target": 0.5,
+        "pruning_dense_macs_per_sample": 1e6,
+        "pruning_params_reduction": 0.4,
+        "pruning_dense_params": 1000,
+        "pruning_freeze_epoch": 2,
+        "pruning_blocks_removed": 0,
+        "pruning_blocks": 0,
+    }
+    rows = dict(callback.summary_rows())
+    assert rows["residual blocks removed"] == "none: the network has no removable residual block"
+
+    callback.report.update(pruning_blocks_removed=2, pruning_blocks=9)
+    assert dict(callback.summary_rows())["residual blocks removed"] == "2 of 9"

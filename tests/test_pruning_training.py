@@ -117,6 +117,12 @@ def test_budget_target_ramps_linearly(compose_config: ComposeConfig, tmp_path: P
     assert targets[8] == 0.5
     assert targets[15] == 0.5
 
+    # Every epoch logs its own total loss, the frozen epochs 2 and 3 included: the task loss alone.
+    epochs = {int(row["epoch"]): row for row in _csv_rows(tmp_path) if row.get("train/total_loss")}
+    assert sorted(epochs) == [0, 1, 2, 3]
+    for epoch in (2, 3):
+        assert float(epochs[epoch]["train/total_loss"]) == pytest.approx(float(epochs[epoch]["train/loss"]))
+
 
 @pytest.mark.parametrize(("t", "warns"), [(1.2, True), (0.5, False)])
 def test_warns_when_open_gates_pulled_down(compose_config: ComposeConfig, t: float, warns: bool) -> None:
@@ -267,3 +273,23 @@ def test_pruning_starts_from_dense_checkpoint(compose_config: ComposeConfig, tmp
     assert weights
     for key in weights:
         assert torch.equal(started[key.removeprefix("net.")], dense[key]), key
+
+
+@pytest.mark.parametrize("train_again", [False, True], ids=["test-only", "resumed-after-fit"])
+def test_report_without_fit_end(compose_config: ComposeConfig, tmp_path: Path, train_again: bool) -> None:
+    # Neither a test-only run nor a run resumed from the end of fit reaches on_train_end.
+    common = (*SMALL, "trainer.max_epochs=2", "module.freeze_max_fraction=0.5")
+    first = compose_config(*common)
+    with open_dict(first):
+        first.paths.output_dir = str(tmp_path / "first")
+    finished = train(first)
+
+    second = compose_config(*common, f"ckpt_path={tmp_path / 'first'}", f"train={str(train_again).lower()}")
+    with open_dict(second):
+        second.paths.output_dir = str(tmp_path / "second")
+    summary = train(second)
+
+    assert summary["pruning_flops_reduction"] == finished["pruning_flops_reduction"]
+    assert summary["pruning_params"] == finished["pruning_params"] == summary["params"]
+    assert (tmp_path / "second" / "pruning" / "channels.txt").is_file()
+    assert load_pruned(tmp_path / "second" / "pruning" / "pruned_model.pt") is not None
