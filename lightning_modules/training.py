@@ -213,26 +213,47 @@ def _route_lightning_logs_through_root() -> None:
         lightning_logger.propagate = True
 
 
-# Notices from the libraries that a user of leanlight can do nothing about. Lightning 2.6
-# calls a pytree API that torch 2.14 deprecates, once per batch loop. And Lightning
-# announces that a module's own callbacks "override" those passed to the Trainer each
-# time test follows fit, because the fit's instance is still attached: the modules here
-# return their report callbacks from configure_callbacks on purpose.
-LIBRARY_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
-CALLBACK_OVERRIDE_NOTICE = "The following callbacks returned in `LightningModule.configure_callbacks` will override"
+# Notices from the libraries that a user of leanlight can do nothing about:
+# - Lightning 2.6 calls a pytree API that torch 2.14 deprecates, once per batch loop.
+# - On resume, Lightning warns that the run's new folder differs from the checkpoint's
+#   and that a reused run folder is not empty; leanlight chooses both on purpose
+#   (lightning_modules/run_folder.py).
+# - Lightning announces that a module's callbacks "override" those passed to the Trainer
+#   each time test follows fit, because the fit's instance is still attached; the
+#   modules here return their report callbacks from configure_callbacks on purpose.
+# - Lightning advertises its cloud services, says it reads the training data to count
+#   the steps, and that it loads checkpoints with weights_only=False.
+LIBRARY_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"The dirpath has changed from",
+    r"Checkpoint directory .* exists and is not empty",
+)
+LIBRARY_LOG_NOTICES = {
+    "lightning.pytorch.utilities.rank_zero": (
+        "The following callbacks returned in `LightningModule.configure_callbacks` will override",
+        "💡 Tip:",
+        "Loading `train_dataloader` to estimate number of stepping batches",
+    ),
+    "lightning.pytorch.trainer.connectors.checkpoint_connector": ("`weights_only` was not set",),
+}
 
 
-class _DropCallbackOverrideNotice(logging.Filter):
+class _DropLibraryNotices(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(CALLBACK_OVERRIDE_NOTICE)
+        return not record.getMessage().lstrip().startswith(self.prefixes)
 
 
 def _silence_library_notices() -> None:
     for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(existing, _DropCallbackOverrideNotice) for existing in rank_zero_logger.filters):
-        rank_zero_logger.addFilter(_DropCallbackOverrideNotice())
+    for name, prefixes in LIBRARY_LOG_NOTICES.items():
+        library_logger = logging.getLogger(name)
+        if not any(isinstance(existing, _DropLibraryNotices) for existing in library_logger.filters):
+            library_logger.addFilter(_DropLibraryNotices(prefixes))
 
 
 def _is_number(value: Any) -> bool:
