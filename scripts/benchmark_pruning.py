@@ -222,7 +222,7 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
         rounding = {result.get("round_to", 1) for arm, result in results.items() if arm != "dense"}
         print(f"kept channels rounded to a multiple of: {', '.join(str(value) for value in sorted(rounding))}")
     header = (
-        f"{'arm':<20} {'epochs':>6} {'top-1':>7} {'vs dense':>8} {'FLOPs red.':>10} {'params red.':>11} "
+        f"{'arm':<24} {'epochs':>6} {'top-1':>7} {'vs dense':>8} {'FLOPs red.':>10} {'params red.':>11} "
         f"{'FLOPs ratio':>11} {'speed-up':>8} {'speed/FLOPs':>11} {'wall':>7}"
     )
     print(header)
@@ -234,7 +234,7 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
             ratio = speed["dense"]["median_s"] / speed[arm]["median_s"]
             speed_up, speed_cell = f"{ratio:.2f}x", f"{ratio / flops_ratio:.2f}"
         print(
-            f"{arm:<20} {result['epochs']:>6} {100 * result['test_acc']:>6.2f}% {accuracy_gap:>8} "
+            f"{arm:<24} {result['epochs']:>6} {100 * result['test_acc']:>6.2f}% {accuracy_gap:>8} "
             f"{100 * (1 - result['macs'] / result['dense_macs']):>9.1f}% "
             f"{100 * (1 - result['params'] / result['dense_params']):>10.1f}% {flops_ratio:>10.2f}x "
             f"{speed_up:>8} {speed_cell:>11} {result['wall_s'] / 60:>5.1f}min"
@@ -242,7 +242,7 @@ def print_report(output: Path, dense_accuracy: float | None) -> None:
     if speed:
         print(f"inference, batch 256, channels-last, {threads} threads, median of timed runs:")
         for name, values in speed.items():
-            print(f"  {name:<20} {values['median_s'] * 1e3:8.1f} ms/batch  {values['images_per_s']:8.0f} images/s")
+            print(f"  {name:<24} {values['median_s'] * 1e3:8.1f} ms/batch  {values['images_per_s']:8.0f} images/s")
 
 
 def main() -> None:
