@@ -59,7 +59,7 @@ class RemovedConv2d(nn.Module):
         return features.new_zeros(shape).contiguous(memory_format=_memory_format(features))
 
     def extra_repr(self) -> str:
-        return f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        return f"zeros of {self.out_channels} channels, kernel_size={self.kernel_size}, stride={self.stride}"
 
 
 class RemovedLinear(nn.Module):
@@ -73,7 +73,7 @@ class RemovedLinear(nn.Module):
         return features.new_zeros((*features.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
-        return f"out_features={self.out_features}"
+        return f"zeros of {self.out_features} features"
 
 
 class RemovedNorm(nn.Identity):
