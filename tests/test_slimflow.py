@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -10,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 
 from diffusion.rectified_flow import (
@@ -34,6 +37,7 @@ from diffusion.slimflow import (
     pseudo_huber_constant,
     pseudo_huber_distance,
 )
+from lightning_modules.cluster import SigtermStops
 from lightning_modules.image_data import ImageData
 from lightning_modules.pipeline import STATE_FILE
 from lightning_modules.seeds import SHARD_STREAM, STAGE_STREAM, STEP_NOISE_STREAM, derive_seed
@@ -544,3 +548,31 @@ def test_train_smoke_baseline_given_teacher(tmp_path: Path, cache_dir: Path) -> 
     assert student.metadata["flow_guidance"] is False
     reflow = load_flow_model(tmp_path / "run" / "stages" / "annealing_reflow" / "flow.pt")
     assert reflow.metadata["anneal_steps"] == 0
+
+
+class TeacherSignalledOnCall:
+    """The counting map, which sends this process SIGTERM on call number ``signal_call``."""
+
+    def __init__(self, signal_call: int) -> None:
+        self.calls = 0
+        self.signal_call = signal_call
+
+    def __call__(self, z0: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.signal_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.tanh(2 * z0) + 0.1
+
+
+def test_sigterm_stops_pair_generation(tmp_path: Path) -> None:
+    # Pair generation runs without a Trainer; the signal stops it at once, complete shards stay.
+    shape = (1, 2, 2)
+    teacher = TeacherSignalledOnCall(signal_call=2)
+    with SigtermStops(), pytest.raises(SIGTERMException):
+        generate_reflow_pairs(teacher, tmp_path / "stopped", 12, 4, shape, base_seed=0)
+    assert sorted(path.name for path in (tmp_path / "stopped").glob("shard_*.pt")) == ["shard_00000.pt"]
+
+    resumed = generate_reflow_pairs(CountingTeacher(), tmp_path / "stopped", 12, 4, shape, base_seed=0)
+    reference = generate_reflow_pairs(CountingTeacher(), tmp_path / "reference", 12, 4, shape, base_seed=0)
+    for resumed_path, reference_path in zip(resumed, reference, strict=True):
+        assert torch.equal(read_shard(resumed_path)["x1"], read_shard(reference_path)["x1"])
