@@ -184,9 +184,7 @@ def test_reported_energy_matches_spike_statistics(uninterrupted: dict[str, Any],
     assert summary["macs_per_sample"] == pytest.approx(statistics.snn_macs, rel=1e-9)
 
 
-def test_sigterm_between_stages_stops_pipeline(
-    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sigterm_between_stages_stops(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # No Lightning handler is installed between two stages' trainers, so without the
     # pipeline's own the process would end there without a word.
     original_mark_finished = PipelineState.mark_finished

@@ -307,7 +307,7 @@ def test_sigterm_outside_trainer_raises() -> None:
     assert signal.getsignal(signal.SIGTERM) is handler_before
 
 
-def test_sigterm_inside_trainer_left_to_lightning() -> None:
+def test_sigterm_in_trainer_left_to_lightning() -> None:
     # Lightning's handler during fit and test calls the one it replaced; that one must then do nothing.
     calls = []
     with SigtermStops():
@@ -340,7 +340,7 @@ class SigtermAt(L.Callback):
 
 
 @pytest.mark.parametrize("hook", ["on_fit_end", "on_test_end"])
-def test_sigterm_as_fit_or_test_ends_stops_run(compose_config: ComposeConfig, tmp_path: Path, hook: str) -> None:
+def test_sigterm_at_phase_end_stops(compose_config: ComposeConfig, tmp_path: Path, hook: str) -> None:
     # Lightning's handler is still installed there and only sets a flag; the run used to go on and exit 0.
     cfg = compose_config("module=classifier", "trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=1")
     with open_dict(cfg):

@@ -74,7 +74,7 @@ def _extract(net: nn.Module, graph, gates: ChannelGates) -> tuple[dict[int, torc
         ("vgg11_bn", {}, 0, None),
     ],
 )
-def test_blocks_found_with_their_layers(name: str, kwargs: dict, blocks: int, first_layers: list[str] | None) -> None:
+def test_blocks_found_per_family(name: str, kwargs: dict, blocks: int, first_layers: list[str] | None) -> None:
     graph = build_channel_graph(create(name, kwargs), torch.zeros(1, 3, 32, 32))
     assert len(graph.blocks) == blocks
     if first_layers:
@@ -86,7 +86,7 @@ def test_blocks_found_with_their_layers(name: str, kwargs: dict, blocks: int, fi
 
 
 @pytest.mark.parametrize(("name", "kwargs"), RESIDUAL_FAMILIES, ids=lambda value: str(value))
-def test_removed_blocks_match_gated_output_and_cost(name: str, kwargs: dict) -> None:
+def test_removed_blocks_match_gated(name: str, kwargs: dict) -> None:
     net = _randomised_model(name, kwargs)
     graph, gates = _gated_with_blocks(net, closed_blocks=[0, 2, -1])
     images = torch.randn(4, 3, 32, 32)
@@ -119,7 +119,7 @@ def test_removed_blocks_match_gated_output_and_cost(name: str, kwargs: dict) -> 
 @pytest.mark.parametrize(
     ("name", "kwargs"), [RESIDUAL_FAMILIES[0], RESIDUAL_FAMILIES[3]], ids=["resnet20-A", "mobilenetv2_050"]
 )
-def test_pruned_model_with_removed_blocks_round_trips(name: str, kwargs: dict, tmp_path: Path) -> None:
+def test_removed_blocks_round_trip(name: str, kwargs: dict, tmp_path: Path) -> None:
     net = _randomised_model(name, kwargs)
     graph, gates = _gated_with_blocks(net, closed_blocks=[1, -1])
     _extract(net, graph, gates)
@@ -136,7 +136,7 @@ def test_pruned_model_with_removed_blocks_round_trips(name: str, kwargs: dict, t
     )
 
 
-def test_removed_stride_two_branch_keeps_output_shape() -> None:
+def test_stride_two_branch_keeps_shape() -> None:
     # ResNet-20's layer2.0 halves the resolution; its stand-ins must too, or the addition fails.
     net = _randomised_model("resnet20", {"shortcut": "A"})
     graph, gates = _gated_with_blocks(net, closed_blocks=[3])
@@ -220,7 +220,7 @@ class BranchUsedTwice(nn.Module):
         return self.head(features.mean(dim=(2, 3)))
 
 
-def test_branch_used_outside_block_is_not_a_block() -> None:
+def test_shared_branch_not_a_block() -> None:
     graph = build_channel_graph(BranchUsedTwice(), torch.zeros(1, 3, 16, 16))
     assert graph.blocks == []
 
@@ -242,7 +242,7 @@ class PoolEndedBranch(nn.Module):
         return self.head(features.mean(dim=(2, 3)))
 
 
-def test_branch_ending_in_pool_is_not_a_block() -> None:
+def test_pool_ended_branch_not_a_block() -> None:
     graph = build_channel_graph(PoolEndedBranch(), torch.zeros(1, 3, 16, 16))
     assert graph.blocks == []
 
@@ -278,7 +278,7 @@ class NestedBlocks(nn.Module):
 
 
 @pytest.mark.parametrize("removed_names", [["inner"], [""], ["inner", ""]])
-def test_nested_blocks_cost_and_output(removed_names: list[str]) -> None:
+def test_nested_blocks_cost(removed_names: list[str]) -> None:
     torch.manual_seed(0)
     net = NestedBlocks().eval()
     graph = build_channel_graph(net, torch.zeros(1, 3, 16, 16))
@@ -333,7 +333,7 @@ def _module(compose_config: ComposeConfig, *overrides: str) -> PolarizationModul
     return module
 
 
-def test_module_checkpoint_restores_removed_blocks(compose_config: ComposeConfig) -> None:
+def test_checkpoint_restores_removed_blocks(compose_config: ComposeConfig) -> None:
     module = _module(compose_config, "module.prune_blocks=true")
     with torch.no_grad():
         module.gates.block_scores[str(module.graph.blocks[1].index)].fill_(0.1)
@@ -405,7 +405,7 @@ def test_block_flip_breaks_settling(compose_config: ComposeConfig) -> None:
     assert module.stable_epochs == 0
 
 
-def test_summary_says_when_no_block_exists() -> None:
+def test_summary_without_blocks() -> None:
     callback = PruningReportCallback()
     callback.report = {
         "pruning_flops_reduction": 0.5,
