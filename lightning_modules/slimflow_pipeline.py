@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,11 @@ class SlimFlowPipeline(Pipeline):
             flow_guidance=flow_guidance,
             t_prime_range=tuple(options.t_prime_range),
         )
-        summary = self._fit(context, module, self._pair_datamodule(), options.max_steps)
+        with warnings.catch_warnings():
+            # The guide is frozen in eval mode on purpose, and Lightning warns at fit start
+            # about every module not in train mode; the filter ends with this stage.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            summary = self._fit(context, module, self._pair_datamodule(), options.max_steps)
         summary.update({"variant": self.options.variant, "flow_guidance": flow_guidance})
         summary["distance"] = describe_distance(self.distance["name"])
         summary["parameters"] = _count_parameters(student)

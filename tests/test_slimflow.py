@@ -448,7 +448,7 @@ def compose_pipeline(output_dir: Path, cache_dir: Path, *overrides: str) -> Dict
     return compose_train_config(output_dir, cache_dir, *PIPELINE, *overrides)
 
 
-def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path) -> None:
+def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path, recwarn: pytest.WarningsRecorder) -> None:
     folder = tmp_path / "run"
     killed = compose_pipeline(folder, cache_dir)
     with open_dict(killed):
@@ -471,6 +471,8 @@ def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path) -> None:
     summary = train(resumed)
 
     assert TRAINED_ROLES == ["reflow_student", "one_step_student"]
+    # The distillation stage's frozen guide is in eval mode on purpose; Lightning's warning about it is not shown.
+    assert not [warning for warning in recwarn if "in eval mode" in str(warning.message)]
     assert teacher_file.stat().st_mtime_ns == teacher_mtime
     assert shard.stat().st_mtime_ns == shard_mtime
     state = json.loads((folder / STATE_FILE).read_text())
