@@ -2,12 +2,13 @@
 
 A removed block still runs its own ``forward``, which adds the branch to the shortcut,
 so its layers cannot simply disappear. Each convolution and linear layer of the branch
-becomes a stand-in that returns zeros of the layer's output shape without computing
-anything. Each BatchNorm (and any other layer with weights) becomes an identity. The
-layer that ends the branch returns zeros, so the block passes its shortcut alone. What
-remains of a removed block costs no multiply-accumulate: one zero tensor per replaced
-convolution or linear layer, at that layer's output size, the element-wise activations
-between them, and the addition.
+becomes a stand-in that returns zeros without computing anything: the last one at the
+layer's full output shape, the ones before it with one channel. Each BatchNorm (and any
+other layer with weights) becomes an identity. Unless the branch ends in its last
+convolution (through BatchNorm and identity layers only), the layer that ends it returns
+zeros too. So the block passes its shortcut alone. What remains of a removed block costs
+no multiply-accumulate: one full-size zero tensor, the one-channel ones before it, the
+element-wise activations between them, and the addition.
 
 A saved pruned network records its stand-ins by name (:func:`removed_layers_of`), so
 that loading puts the same ones into the dense model before its weights load
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pruning.graph import ChannelGraph
+from pruning.graph import ChannelGraph, ResidualBlock
 
 
 class RemovedConv2d(nn.Module):
@@ -91,27 +92,64 @@ def remove_residual_branches(net: nn.Module, graph: ChannelGraph, removed: set[i
     """Replace the layers of the branches in ``removed`` (block indices of ``graph``) in place.
 
     Call it after :func:`pruning.extract_subnetwork`, so that the stand-ins produce the
-    extracted widths. Returns the replaced layers by name, as :func:`replace_layers`
+    extracted widths. Only the last layer's zeros reach the addition, so the stand-ins
+    before it return one channel, which saves a full-size tensor each. A network that
+    does not run that way (a layer of the branch that needs its input's width) gets
+    full-width stand-ins. Returns the replaced layers by name, as :func:`replace_layers`
     takes them (plain values, safe for ``torch.load(weights_only=True)``).
     """
+    if not removed:
+        return {}
+    full = _stand_ins(net, graph, removed, thin=False)
+    thin = _stand_ins(net, graph, removed, thin=True)
+    replace_layers(net, thin)
+    if _runs(net, graph.input_shape):
+        return thin
+    replace_layers(net, full)
+    return full
+
+
+def _stand_ins(net: nn.Module, graph: ChannelGraph, removed: set[int], thin: bool) -> dict[str, dict[str, Any]]:
     record: dict[str, dict[str, Any]] = {}
+    removed_blocks = [block for block in graph.blocks if block.index in removed]
     # With nested blocks the inner block's last layer is also inside the outer branch.
-    outputs = {block.output for block in graph.blocks if block.index in removed}
-    for block in graph.blocks:
-        if block.index not in removed:
-            continue
+    outputs = {block.output for block in removed_blocks}
+    last_layers = {block.layers[-1] for block in removed_blocks}
+    for block in removed_blocks:
+        # An addition inside a nested branch may need its operands' full width.
+        thin_block = thin and not _contains_other_block(block, graph)
         for name in block.modules:
             module = net.get_submodule(name)
-            if isinstance(module, nn.Conv2d):
-                record[name] = {"kind": "conv2d", "out_channels": module.out_channels}
-            elif isinstance(module, nn.Linear):
-                record[name] = {"kind": "linear", "out_features": module.out_features}
-            elif name in outputs:
+            full_width = name in last_layers or not thin_block
+            if isinstance(module, (nn.Conv2d, RemovedConv2d)):
+                record[name] = {"kind": "conv2d", "out_channels": module.out_channels if full_width else 1}
+            elif isinstance(module, (nn.Linear, RemovedLinear)):
+                record[name] = {"kind": "linear", "out_features": module.out_features if full_width else 1}
+            elif name in outputs and not block.output_from_last_layer:
                 record[name] = {"kind": "zeros_like"}
-            elif isinstance(module, _BatchNorm) or any(True for _ in module.parameters(recurse=False)):
+            elif isinstance(module, (_BatchNorm, RemovedNorm)) or any(True for _ in module.parameters(recurse=False)):
                 record[name] = {"kind": "identity"}
-    replace_layers(net, record)
     return record
+
+
+def _contains_other_block(block: ResidualBlock, graph: ChannelGraph) -> bool:
+    return any(other is not block and set(other.modules) <= set(block.modules) for other in graph.blocks)
+
+
+@torch.no_grad()
+def _runs(net: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Return whether ``net`` runs on zeros of ``input_shape`` in eval mode (the mode is restored)."""
+    tensors = [*net.parameters(), *net.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    was_training = net.training
+    net.eval()
+    try:
+        net(torch.zeros(input_shape, device=device))
+    except RuntimeError:
+        return False
+    finally:
+        net.train(was_training)
+    return True
 
 
 def branch_parameters(net: nn.Module, graph: ChannelGraph, removed: set[int]) -> set[nn.Parameter]:

@@ -148,7 +148,10 @@ class ResidualBlock:
     (``add_3``) when they share none. ``output`` is the layer whose output is the branch
     operand of that addition: a gate on its output gates the branch. ``modules`` are
     every layer called on the branch (used nowhere else). ``layers`` are the convolutions
-    and linear layers among them, whose MACs the branch costs.
+    and linear layers among them, whose MACs the branch costs, in the order they run.
+    ``output_from_last_layer`` is true when ``output`` is the last of ``layers`` or reads
+    it through BatchNorm and identity layers only, so zeros from that layer reach the
+    addition unchanged.
     """
 
     index: int
@@ -156,6 +159,7 @@ class ResidualBlock:
     output: str
     modules: list[str]
     layers: list[str]
+    output_from_last_layer: bool = False
 
 
 @dataclass
@@ -568,13 +572,26 @@ def _residual_block(
     if any(calls[name] != 1 for name in modules):
         return None
     prefix = _common_prefix(modules)
+    layers = weighted_layers(branch)
     return ResidualBlock(
         index=index,
         name=prefix or add.name,
         output=str(output.target),
         modules=modules,
-        layers=[str(node.target) for node in weighted_layers(branch)],
+        layers=[str(node.target) for node in layers],
+        output_from_last_layer=_reads_through_norms(traced, output, layers[-1]),
     )
+
+
+def _reads_through_norms(traced: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
+    """Return whether ``node`` is ``source`` or reads it through BatchNorm and identity layers only."""
+    while node is not source:
+        if node.op != "call_module" or len(node.all_input_nodes) != 1:
+            return False
+        if not isinstance(traced.get_submodule(str(node.target)), (_BatchNorm, nn.Identity)):
+            return False
+        node = node.all_input_nodes[0]
+    return True
 
 
 def _common_prefix(names: list[str]) -> str:

@@ -28,7 +28,7 @@ from pruning import (
     remove_residual_branches,
     save_pruned,
 )
-from pruning.blocks import RemovedConv2d
+from pruning.blocks import RemovedConv2d, ZerosLike
 from tests.conftest import ComposeConfig
 from tests.test_pruning import FAMILIES, _randomised_model
 from tests.test_pruning_training import SMALL
@@ -422,3 +422,49 @@ def test_summary_without_blocks() -> None:
 
     callback.report.update(pruning_blocks_removed=2, pruning_blocks=9)
     assert dict(callback.summary_rows())["residual blocks removed"] == "2 of 9"
+
+
+def test_stand_ins_before_last_layer_are_thin() -> None:
+    net = _randomised_model("resnet20", {"shortcut": "A"})
+    graph, gates = _gated_with_blocks(net, closed_blocks=[1])
+    _extract(net, graph, gates)
+    block = graph.blocks[1]
+    # Only layer1.1.conv2's zeros reach the addition, through bn2, which is now an identity.
+    assert net.get_submodule(block.layers[0]).out_channels == 1
+    assert net.get_submodule(block.layers[-1]).out_channels == 16
+    assert not isinstance(net.get_submodule(block.output), ZerosLike)
+
+
+class ChannelViewBranch(nn.Module):
+    """A branch that reshapes its channels by a fixed count, so its stand-ins need the full width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.stem(images)
+        branch = self.conv1(features).view(-1, 2, 4, 16, 16).view(-1, 8, 16, 16)
+        features = features + self.conv2(F.relu(branch))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_stand_ins_keep_width_where_branch_needs_it() -> None:
+    net = ChannelViewBranch().eval()
+    graph = build_channel_graph(net, torch.zeros(1, 3, 16, 16))
+    gates = ChannelGates(graph, blocks=True)
+    with torch.no_grad():
+        gates.block_scores[str(graph.blocks[0].index)].fill_(0.2)
+    gates.attach(net)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        gated_output = net(images)
+
+    _extract(net, graph, gates)
+
+    assert net.conv1.out_channels == 8
+    with torch.no_grad():
+        assert torch.allclose(net(images), gated_output, atol=1e-5, rtol=0)
