@@ -202,8 +202,8 @@ def test_block_cost_is_its_branch() -> None:
     assert rows["layer3.1.conv1"].kind == "conv"
 
 
-class BranchUsedTwice(nn.Module):
-    """A residual addition whose branch output is read again after it, so the branch cannot be removed."""
+class TwoConvolutionBranch(nn.Module):
+    """A stem, a branch of two convolutions and a linear head; subclasses wire them in ``forward``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -211,6 +211,10 @@ class BranchUsedTwice(nn.Module):
         self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.head = nn.Linear(8, 10)
+
+
+class BranchUsedTwice(TwoConvolutionBranch):
+    """A residual addition whose branch output is read again after it, so the branch cannot be removed."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.stem(images)
@@ -225,16 +229,12 @@ def test_shared_branch_not_a_block() -> None:
     assert graph.blocks == []
 
 
-class PoolEndedBranch(nn.Module):
+class PoolEndedBranch(TwoConvolutionBranch):
     """A branch ending in an adaptive pool, which keeps the shape only at the traced resolution."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(16)
-        self.head = nn.Linear(8, 10)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.stem(images)
@@ -435,15 +435,8 @@ def test_stand_ins_before_last_layer_are_thin() -> None:
     assert not isinstance(net.get_submodule(block.output), ZerosLike)
 
 
-class ChannelViewBranch(nn.Module):
+class ChannelViewBranch(TwoConvolutionBranch):
     """A branch that reshapes its channels by a fixed count, so its stand-ins need the full width."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Linear(8, 10)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.stem(images)
