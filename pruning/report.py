@@ -129,16 +129,26 @@ def plot_gate_histograms(history: list[tuple[int, np.ndarray]], path: Path) -> P
 
 
 def plot_kept_channels(rows: list[LayerRow], path: Path) -> Path:
-    """Plot kept and total output channels of every layer as bars; save PNG."""
+    """Plot kept and total output channels of every layer as bars, layers of removed blocks hatched; save PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     positions = np.arange(len(rows))
+    removed = [row.kind == "removed" for row in rows]
     figure, axis = plt.subplots(figsize=(max(6, 0.3 * len(rows) + 2), 4))
     axis.bar(positions, [row.out_total for row in rows], color="lightgrey", label="total")
     axis.bar(positions, [row.out_kept for row in rows], color="tab:blue", label="kept")
+    if any(removed):
+        axis.bar(
+            positions[removed],
+            [row.out_total for row, gone in zip(rows, removed, strict=True) if gone],
+            color="none",
+            edgecolor="tab:red",
+            hatch="//",
+            label="removed block",
+        )
     axis.set_xticks(positions)
     axis.set_xticklabels([row.layer for row in rows], rotation=90, fontsize=7)
     axis.set_ylabel("output channels")
