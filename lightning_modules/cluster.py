@@ -16,8 +16,8 @@ Who handles the preemption signals (one owner, so that handlers do not fight):
   writes the checkpoint first.
 - Outside fit and test (between them, between a pipeline's stages, or in a stage
   without a Trainer) no Lightning handler is installed. There :class:`SigtermStops`
-  raises Lightning's ``SIGTERMException``, so that ``train.py`` logs how to resume
-  instead of the process ending without a word.
+  raises Lightning's ``SIGTERMException``. ``train.py`` then logs how to resume, where
+  the process used to end without a log line.
 """
 
 import logging

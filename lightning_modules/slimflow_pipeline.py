@@ -242,8 +242,8 @@ class SlimFlowPipeline(Pipeline):
             t_prime_range=tuple(options.t_prime_range),
         )
         with warnings.catch_warnings():
-            # The guide is frozen in eval mode on purpose, and Lightning warns at fit start
-            # about every module not in train mode; the filter ends with this stage.
+            # Lightning warns at fit start about every module not in train mode, but the
+            # guide is frozen in eval mode on purpose. The filter ends with this stage.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             summary = self._fit(context, module, self._pair_datamodule(), options.max_steps)
         summary.update({"variant": self.options.variant, "flow_guidance": flow_guidance})

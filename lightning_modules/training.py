@@ -215,11 +215,11 @@ def _route_lightning_logs_through_root() -> None:
 
 # Notices from the libraries that a user of leanlight can do nothing about:
 # - Lightning 2.6 calls a pytree API that torch 2.14 deprecates, once per batch loop.
-# - On resume, Lightning warns that the run's new folder differs from the checkpoint's
-#   and that a reused run folder is not empty; leanlight chooses both on purpose
+# - On resume, Lightning warns that the run's new folder differs from the checkpoint's,
+#   and that a reused run folder is not empty. leanlight chooses both on purpose
 #   (lightning_modules/run_folder.py).
 # - Lightning announces that a module's callbacks "override" those passed to the Trainer
-#   each time test follows fit, because the fit's instance is still attached; the
+#   each time test follows fit, because the fit's instance is still attached. The
 #   modules here return their report callbacks from configure_callbacks on purpose.
 # - Lightning advertises its cloud services, says it reads the training data to count
 #   the steps, and that it loads checkpoints with weights_only=False.

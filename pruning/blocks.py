@@ -181,7 +181,8 @@ def replace_layers(net: nn.Module, record: dict[str, dict[str, Any]]) -> None:
             replacement = RemovedNorm()
         else:
             raise ValueError(
-                f"unknown kind {kind!r} of removed layer {name!r}; expected conv2d, linear, zeros_like or identity"
+                f"invalid kind {kind!r} of removed layer {name!r}: expected conv2d, linear, zeros_like or identity; "
+                "a file written by a newer leanlight needs that version to load"
             )
         net.set_submodule(name, replacement)
 

@@ -1,6 +1,6 @@
 """Save an extracted network with its architecture, and load it with one call.
 
-The file holds only the model's name and constructor arguments, its state dict, the
+The file contains only the model's name and constructor arguments, its state dict, the
 layers of removed residual branches and an optional report, so it loads with
 ``torch.load(weights_only=True)``. Loading builds the dense model by name, puts the
 stand-ins of removed branches in place and shrinks every layer to the shapes of the

@@ -323,11 +323,11 @@ def reopen_blocks_to_budget(
     (:func:`fit_masks_to_budget`) then makes up the difference.
     """
     dense = dense_macs(graph)
-    kept = {index: float(mask.sum()) for index, mask in masks.items()}
+    kept_channels = {index: float(mask.sum()) for index, mask in masks.items()}
     removed = set(removed_blocks)
 
     def reduction() -> float:
-        return 1.0 - float(macs_from_counts(graph, kept, dict.fromkeys(removed, 0.0))) / dense
+        return 1.0 - float(macs_from_counts(graph, kept_channels, dict.fromkeys(removed, 0.0))) / dense
 
     for block in sorted(removed_blocks, key=lambda index: block_scores[index], reverse=True):
         if reduction() <= flops_reduction + tolerance:

@@ -502,9 +502,9 @@ def find_residual_blocks(traced: fx.GraphModule) -> list[ResidualBlock]:
     - a node of the branch is used outside the block, or a layer of the branch is called
       more than once;
     - the branch does not end in a layer (a function such as ``F.relu`` ends it);
-    - that layer is a pooling or flatten layer, or another layer that is not a
-      convolution or linear layer and changes the shape of what it reads: zeros of its
-      input's shape must be able to stand in for it at any resolution.
+    - that layer is a pooling or flatten layer, or it is not a convolution or linear
+      layer and changes the shape of what it reads. Zeros of its input's shape must be
+      able to stand in for it at any resolution.
     """
     nodes = list(traced.graph.nodes)
     order = {node: position for position, node in enumerate(nodes)}

@@ -303,12 +303,12 @@ def test_sigterm_outside_trainer_raises() -> None:
     handler_before = signal.getsignal(signal.SIGTERM)
     with SigtermStops(), pytest.raises(SIGTERMException):
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)  # the handler runs at the next bytecode; this only bounds the wait
+        time.sleep(1)  # Python runs the handler between bytecodes, so this only bounds the wait.
     assert signal.getsignal(signal.SIGTERM) is handler_before
 
 
 def test_sigterm_in_trainer_left_to_lightning() -> None:
-    # Lightning's handler during fit and test calls the one it replaced; that one must then do nothing.
+    # During fit and test Lightning's handler calls the one it replaced, which must then do nothing.
     calls = []
     with SigtermStops():
         replaced = signal.getsignal(signal.SIGTERM)
@@ -341,7 +341,7 @@ class SigtermAt(L.Callback):
 
 @pytest.mark.parametrize("hook", ["on_fit_end", "on_test_end"])
 def test_sigterm_at_phase_end_stops(compose_config: ComposeConfig, tmp_path: Path, hook: str) -> None:
-    # Lightning's handler is still installed there and only sets a flag; the run used to go on and exit 0.
+    # Lightning's handler is still installed there and only sets a flag, so the run used to go on and exit 0.
     cfg = compose_config("module=classifier", "trainer.accelerator=cpu", "logger=none", "trainer.max_epochs=1")
     with open_dict(cfg):
         cfg.callbacks.sigterm = {"_target_": f"{__name__}.SigtermAt", "hook": hook}

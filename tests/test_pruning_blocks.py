@@ -193,8 +193,8 @@ def test_block_cost_is_its_branch() -> None:
     dense = dense_macs(graph)
     scores = {group.index: torch.full((group.channels,), 0.9) for group in graph.prunable_groups}
     masks = fit_masks_to_budget(graph, scores, flops_reduction=0.3, tolerance=0.02, removed_blocks=removed)
-    kept = {index: float(mask.sum()) for index, mask in masks.items()}
-    reduction = 1 - float(macs_from_counts(graph, kept, dict.fromkeys(removed, 0.0))) / dense
+    kept_channels = {index: float(mask.sum()) for index, mask in masks.items()}
+    reduction = 1 - float(macs_from_counts(graph, kept_channels, dict.fromkeys(removed, 0.0))) / dense
     assert 0.3 <= reduction <= 0.32
     rows = {row.layer: row for row in channel_table(graph, masks, removed)}
     assert rows["layer3.2.conv1"].kind == "removed"
@@ -305,9 +305,29 @@ def test_nested_blocks_cost(removed_names: list[str]) -> None:
     assert counted == pytest.approx(float(macs_from_counts(graph, {}, dict.fromkeys(removed, 0.0))), abs=0.5)
 
 
-def test_gates_attach_once() -> None:
-    net = _randomised_model("resnet20", {"shortcut": "A"})
-    _, gates = _gated_with_blocks(net, closed_blocks=[])
+class GroupedBranch(TwoConvolutionBranch):
+    """A residual branch of grouped convolutions, which fix every channel group: block gates only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.stem(images)
+        features = features + self.conv2(F.relu(self.conv1(features)))
+        return self.head(features.mean(dim=(2, 3)))
+
+
+def test_block_gates_attach_once() -> None:
+    net = GroupedBranch()
+    graph = build_channel_graph(net, torch.zeros(1, 3, 16, 16))
+    gates = ChannelGates(graph, blocks=True)
+    assert not graph.prunable_groups
+    assert len(graph.blocks) == 1
+
+    gates.attach(net)
+
     with pytest.raises(RuntimeError, match="already attached"):
         gates.attach(net)
 
@@ -445,7 +465,7 @@ class ChannelViewBranch(TwoConvolutionBranch):
         return self.head(features.mean(dim=(2, 3)))
 
 
-def test_stand_ins_keep_width_where_branch_needs_it() -> None:
+def test_stand_ins_keep_needed_width() -> None:
     net = ChannelViewBranch().eval()
     graph = build_channel_graph(net, torch.zeros(1, 3, 16, 16))
     gates = ChannelGates(graph, blocks=True)
