@@ -1,9 +1,10 @@
 """ANN-to-SNN conversion of the shared CIFAR VGG (``vgg11_bn``, ``vgg16_bn``).
 
 Supported: :class:`models.vgg.CifarVGG` and any model of the same layout, a
-``features`` ``nn.Sequential`` of ``Conv2d`` [``BatchNorm2d``] ``ReLU`` groups and
-``MaxPool2d`` layers, then ``pool`` (global average pooling) and one ``classifier``
-``nn.Linear``. Each ReLU becomes an :class:`snn.neuron.IIRLIFNode`.
+``features`` ``nn.Sequential`` of ``Conv2d`` [``BatchNorm2d``] ``ReLU`` groups,
+``MaxPool2d``, ``AvgPool2d`` and ``Dropout`` layers, then ``pool`` (global average
+pooling) and one ``classifier`` ``nn.Linear``. Each ReLU becomes an
+:class:`snn.neuron.IIRLIFNode`.
 
 Not supported: the CIFAR ResNets (``resnet20`` ... ``resnet110``). Their blocks add
 the shortcut to the second convolution's output before the ReLU, which this chain of
@@ -33,6 +34,12 @@ the spikes of the window's most active input. Plain max-pooling of spikes fires 
 any input fires. With the digits VGG of ``tests/test_snn.py`` (one CPU thread), it made
 the converted network less accurate at T=64 than at T=8: 93% and 96%, against 99% for
 the ANN. With the gated pooling, T=64 reaches 99%.
+
+Each ``AvgPool2d`` stays an average pooling, applied at every timestep, as in IIR-SNN's
+code. Its output is a fraction of spikes, which the next synaptic layer receives as
+input current. Each ``Dropout`` becomes SpikingJelly's ``layer.Dropout``, which draws
+one mask per forward pass and applies it at every timestep, as IIR-SNN does. A mask
+drawn anew at each timestep would average out over T.
 """
 
 import copy
@@ -50,14 +57,18 @@ from snn.neuron import IIRLIFNode
 
 DEFAULT_PERCENTILE = 99.7
 
+# Layers that may follow a convolution's ReLU. nn.Dropout2d and nn.AlphaDropout are not
+# nn.Dropout subclasses, so they get the error that names the supported layers.
+_LAYERS_AFTER_RELU = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
+
 
 @dataclass
 class _ConvStage:
-    """One convolution with BatchNorm folded in, its ReLU, and the pooling layers after it."""
+    """One convolution with BatchNorm folded in, its ReLU, and the pooling and dropout layers after it."""
 
     name: str
     conv: nn.Conv2d
-    pools: list[nn.Module] = field(default_factory=list)
+    after: list[nn.Module] = field(default_factory=list)
 
 
 def fold_batchnorm(conv: nn.Conv2d, batchnorm: nn.BatchNorm2d) -> nn.Conv2d:
@@ -111,7 +122,7 @@ def convert_vgg_to_snn(
         else:
             layers.append(layer.SeqToANNContainer(conv))
         layers.append(IIRLIFNode(threshold=threshold, leak=1.0))
-        layers.extend(_spiking_max_pool(pool) for pool in stage.pools)
+        layers.extend(_spiking_layer(module) for module in stage.after)
         input_scale = threshold
 
     readout_classifier = copy.deepcopy(classifier)
@@ -128,10 +139,17 @@ def convert_vgg_to_snn(
     return network.to(device).eval()
 
 
-def _spiking_max_pool(pool: nn.MaxPool2d) -> RateGatedMaxPool2d:
-    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
-        raise ValueError(f"cannot convert {pool!r}, because only max-pooling without dilation or indices is supported")
-    return RateGatedMaxPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
+def _spiking_layer(module: nn.Module) -> nn.Module:
+    """Return the multi-step spiking counterpart of a pooling or dropout layer that follows a ReLU."""
+    if isinstance(module, nn.MaxPool2d):
+        if module.dilation not in (1, (1, 1)) or module.return_indices:
+            raise ValueError(
+                f"cannot convert {module!r}, because only max-pooling without dilation or indices is supported"
+            )
+        return RateGatedMaxPool2d(module.kernel_size, module.stride, module.padding, ceil_mode=module.ceil_mode)
+    if isinstance(module, nn.AvgPool2d):
+        return layer.SeqToANNContainer(copy.deepcopy(module))
+    return layer.Dropout(module.p, step_mode="m")
 
 
 def _parse_vgg(model: nn.Module) -> tuple[list[_ConvStage], nn.Linear]:
@@ -157,15 +175,17 @@ def _parse_vgg(model: nn.Module) -> tuple[list[_ConvStage], nn.Linear]:
         if isinstance(module, nn.Conv2d):
             stage, index = _parse_conv_group(modules, index)
             stages.append(stage)
-        elif isinstance(module, nn.MaxPool2d) and stages:
-            stages[-1].pools.append(copy.deepcopy(module))
+        elif isinstance(module, _LAYERS_AFTER_RELU) and stages:
+            stages[-1].after.append(copy.deepcopy(module).eval())
             index += 1
-        elif isinstance(module, nn.MaxPool2d):
-            raise ValueError(f"cannot convert features.{name} (MaxPool2d), because features must start with a Conv2d")
+        elif isinstance(module, _LAYERS_AFTER_RELU):
+            raise ValueError(
+                f"cannot convert features.{name} ({type(module).__name__}), because features must start with a Conv2d"
+            )
         else:
             raise ValueError(
                 f"cannot convert features.{name} ({type(module).__name__}), because VGG features may contain "
-                "only Conv2d, BatchNorm2d, ReLU and MaxPool2d"
+                "only Conv2d, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d and Dropout"
             )
     if not stages:
         raise ValueError(f"cannot convert {model_name}, because its features contain no Conv2d")
@@ -217,8 +237,9 @@ def _calibrate_thresholds(stages: list[_ConvStage], images: torch.Tensor, percen
             )
         thresholds.append(_percentile(positive, percentile))
         activations = torch.relu(pre_activation)
-        for pool in stage.pools:
-            activations = pool(activations)
+        for module in stage.after:
+            # The copies are in eval mode, so dropout passes the activations unchanged.
+            activations = module(activations)
     return thresholds
 
 

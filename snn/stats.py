@@ -9,6 +9,9 @@ Energy is estimated from operation counts with the 45 nm figures of Horowitz,
   receives binary spikes and performs one accumulate per spike per synapse that the
   spike reaches (its fan-out), summed over the T timesteps. The readout, global average
   pooling then a linear layer, counts ``num_classes`` accumulates per incoming spike.
+  An average pooling between a neuron layer and a synaptic layer can be folded into the
+  synaptic layer's weights, so each spike in a pooling window counts the fan-out of the
+  pooled position.
 - The same network as an ANN: the MACs of all its convolutions and linear layers,
   counted as ``torch.utils.flop_counter`` does (padded positions included).
 
@@ -261,16 +264,54 @@ def _register_counters(network: SpikingNetwork) -> tuple[list[_LayerCounter], li
     counters.append(encoder_counter)
     handles.append(network.encoder.register_forward_hook(_encoder_hook(encoder_counter)))
 
+    pooled_counts = _PooledSpikeCounts()
     for name, module in network.features.named_modules():
+        if isinstance(module, nn.AvgPool2d):
+            handles.append(module.register_forward_hook(pooled_counts.pool_hook(f"features.{name}")))
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             counter = _LayerCounter(f"features.{name}", "spikes")
             counters.append(counter)
-            handles.append(module.register_forward_hook(_spike_layer_hook(counter)))
+            handles.append(module.register_forward_hook(_spike_layer_hook(counter, pooled_counts)))
 
     readout_counter = _LayerCounter("readout", "spikes")
     counters.append(readout_counter)
-    handles.append(network.readout.register_forward_hook(_readout_hook(readout_counter)))
+    handles.append(network.readout.register_forward_hook(_readout_hook(readout_counter, pooled_counts)))
     return counters, handles
+
+
+class _PooledSpikeCounts:
+    """The number of spikes in each window of the last average pooling, for the synaptic layer after it.
+
+    The synaptic layer receives the windows' mean, a fraction. Its accumulates are counted on
+    the spikes instead: each spike in a window reaches the synapses of the pooled position.
+    """
+
+    def __init__(self) -> None:
+        self.counts: torch.Tensor | None = None
+
+    def pool_hook(self, name: str):
+        def hook(module: nn.AvgPool2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            spikes = inputs[0]
+            _check_binary(spikes, name)
+            self.counts = F.avg_pool2d(
+                spikes, module.kernel_size, module.stride, module.padding, module.ceil_mode, divisor_override=1
+            )
+
+        return hook
+
+    def spikes_into(self, inputs: torch.Tensor, name: str) -> torch.Tensor:
+        """Return the spike counts behind a synaptic layer's input: the pooled counts, or the binary input itself."""
+        if self.counts is None:
+            _check_binary(inputs, name)
+            return inputs
+        counts, self.counts = self.counts, None
+        if counts.numel() != inputs.numel():
+            raise ValueError(
+                f"the input of {name} has shape {tuple(inputs.shape)}, which does not match the average pooling "
+                f"before it ({tuple(counts.shape)}), so its spikes cannot be counted. Only dropout and reshaping may "
+                "come between an average pooling and a synaptic layer"
+            )
+        return counts.reshape(inputs.shape)
 
 
 def _encoder_hook(counter: _LayerCounter):
@@ -280,20 +321,18 @@ def _encoder_hook(counter: _LayerCounter):
     return hook
 
 
-def _spike_layer_hook(counter: _LayerCounter):
+def _spike_layer_hook(counter: _LayerCounter, pooled_counts: _PooledSpikeCounts):
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        spikes = inputs[0]
-        _check_binary(spikes, counter.name)
+        spikes = pooled_counts.spikes_into(inputs[0], counter.name)
         counter.ann_macs += _dense_macs(module, output, counter.name)
         counter.accumulates = counter.accumulates + _fan_out_accumulates(module, spikes, counter.name)
 
     return hook
 
 
-def _readout_hook(counter: _LayerCounter):
+def _readout_hook(counter: _LayerCounter, pooled_counts: _PooledSpikeCounts):
     def hook(module: SpikeReadout, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        spikes = inputs[0]
-        _check_binary(spikes, counter.name)
+        spikes = pooled_counts.spikes_into(inputs[0], counter.name)
         classifier = module.classifier
         # Pooling then a linear layer: each spike adds its weight (divided by the pooled
         # area, which can be folded into the weights) to every output class.
@@ -332,5 +371,5 @@ def _check_binary(spikes: torch.Tensor, name: str) -> None:
     if ((spikes != 0) & (spikes != 1)).any():
         raise ValueError(
             f"the input of {name} is not binary spikes, so its operations are not accumulates. "
-            "Only max-pooling and reshaping may come between a neuron and a synaptic layer"
+            "Only pooling, dropout and reshaping may come between a neuron and a synaptic layer"
         )

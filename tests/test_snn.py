@@ -416,19 +416,38 @@ def test_statistics_stop_after_max_batches() -> None:
     assert stats.images == 1
 
 
-def test_statistics_reject_non_binary_input() -> None:
+def test_statistics_count_spikes_through_average_pooling() -> None:
     encoder = nn.Conv2d(1, 1, kernel_size=1)
     features = nn.Sequential(
-        IIRLIFNode(), layer.SeqToANNContainer(nn.AvgPool2d(2), nn.Conv2d(1, 1, kernel_size=1)), IIRLIFNode()
+        IIRLIFNode(), layer.SeqToANNContainer(nn.AvgPool2d(2), nn.Conv2d(1, 3, kernel_size=1)), IIRLIFNode()
+    )
+    network = SpikingNetwork(encoder, features, SpikeReadout(nn.Linear(3, 2)), timesteps=2)
+    with torch.no_grad():
+        encoder.weight.fill_(2.0)
+        encoder.bias.zero_()
+    # Only the top-left pixel fires, at both timesteps. Average pooling passes 0.25, but the
+    # spike behind it reaches the 1x1 convolution's 3 output channels: 3 accumulates per timestep.
+    images = torch.zeros(1, 1, 2, 2)
+    images[0, 0, 0, 0] = 1.0
+    statistics = measure_spike_statistics(network, [images])
+    costs = {cost.name: cost for cost in statistics.synaptic_layers}
+    assert costs["features.1.1"].accumulates == 6.0
+
+
+def test_statistics_reject_non_binary_input() -> None:
+    encoder = nn.Conv2d(1, 1, kernel_size=1)
+    halving = nn.Conv2d(1, 1, kernel_size=1, bias=False)
+    features = nn.Sequential(
+        IIRLIFNode(), layer.SeqToANNContainer(halving, nn.Conv2d(1, 1, kernel_size=1)), IIRLIFNode()
     )
     network = SpikingNetwork(encoder, features, SpikeReadout(nn.Linear(1, 2)), timesteps=2)
     with torch.no_grad():
         encoder.weight.fill_(2.0)
         encoder.bias.zero_()
-    # Only the top-left pixel fires, so average pooling passes 0.25, not a spike.
-    images = torch.zeros(1, 1, 2, 2)
-    images[0, 0, 0, 0] = 1.0
-    with pytest.raises(ValueError, match="is not binary spikes"):
+        halving.weight.fill_(0.5)
+    # The second convolution receives half a spike, which no accumulate can add.
+    images = torch.ones(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="features.1.1 is not binary spikes"):
         measure_spike_statistics(network, [images])
 
 
