@@ -31,6 +31,33 @@ def test_vgg16_parameter_count() -> None:
     assert abs(count - 14.7e6) / 14.7e6 < 0.01
 
 
+def test_vgg_average_pooling_and_dropout_layout() -> None:
+    model = create_model("vgg_bn", 3, 10, layout=[16, "M", 32, 32, "M", 64], pooling="avg", dropout=0.2)
+    kinds = [type(module).__name__ for module in model.features]
+    # Dropout follows each ReLU that no pooling follows, as in IIR-SNN's VGG.
+    assert kinds == [
+        "Conv2d", "BatchNorm2d", "ReLU", "AvgPool2d",
+        "Conv2d", "BatchNorm2d", "ReLU", "Dropout",
+        "Conv2d", "BatchNorm2d", "ReLU", "AvgPool2d",
+        "Conv2d", "BatchNorm2d", "ReLU", "Dropout",
+    ]  # fmt: skip
+    assert model.features[7].p == 0.2
+
+
+def test_vgg_defaults_keep_max_pooling_without_dropout() -> None:
+    model = create_model("vgg11_bn", in_channels=3, num_classes=10)
+    kinds = {type(module).__name__ for module in model.features}
+    assert "MaxPool2d" in kinds
+    assert not kinds & {"AvgPool2d", "Dropout"}
+
+
+def test_vgg_rejects_invalid_pooling_and_dropout() -> None:
+    with pytest.raises(ValueError, match="model.pooling must be one of max, avg, got 'mean'"):
+        create_model("vgg11_bn", 3, 10, pooling="mean")
+    with pytest.raises(ValueError, match="model.dropout must be a probability in \\[0, 1\\), got 1.0"):
+        create_model("vgg_bn", 3, 10, layout=[16, "M"], dropout=1.0)
+
+
 @pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "vgg16_bn", "resnet18", "mobilenetv2_050"])
 @pytest.mark.parametrize(("in_channels", "size"), [(1, 8), (3, 32)])
 def test_backbone_output_shape(name: str, in_channels: int, size: int) -> None:

@@ -61,6 +61,22 @@ def trained_vgg(digits) -> CifarVGG:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def trained_average_pooling_vgg(digits) -> CifarVGG:
+    """Return a digits CifarVGG with IIR-SNN's average pooling and dropout 0.2, trained for six epochs."""
+    train_images, train_labels, _, _ = digits
+    torch.manual_seed(0)
+    model = CifarVGG([16, "M", 32, 32, "M", 64], in_channels=1, num_classes=10, pooling="avg", dropout=0.2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(6):
+        for start in range(0, len(train_images), 64):
+            loss = F.cross_entropy(model(train_images[start : start + 64]), train_labels[start : start + 64])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(images).argmax(dim=1) == labels).float().mean().item()
@@ -188,6 +204,45 @@ def test_conversion_approaches_ann_accuracy(trained_vgg, digits) -> None:
     snn_accuracy = _accuracy(network, test_images, test_labels)
     assert ann_accuracy > 0.95, "the ANN did not train; the conversion check needs a trained ANN"
     assert snn_accuracy >= ann_accuracy - 0.02
+
+
+def test_average_pooling_conversion_approaches_ann_accuracy(trained_average_pooling_vgg, digits) -> None:
+    train_images, _, test_images, test_labels = digits
+    ann_accuracy = _accuracy(trained_average_pooling_vgg, test_images, test_labels)
+    network = convert_vgg_to_snn(trained_average_pooling_vgg, train_images[:256], timesteps=64)
+    snn_accuracy = _accuracy(network, test_images, test_labels)
+    assert ann_accuracy > 0.9, "the ANN did not train; the conversion check needs a trained ANN"
+    assert snn_accuracy >= ann_accuracy - 0.02
+    assert sum(isinstance(module, layer.Dropout) for module in network.modules()) == 2
+    assert not any(isinstance(module, RateGatedMaxPool2d) for module in network.modules())
+
+
+def test_dropout_mask_is_shared_by_timesteps(trained_average_pooling_vgg, digits) -> None:
+    network = convert_vgg_to_snn(trained_average_pooling_vgg, digits[0][:128], timesteps=4).train()
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+    dropout = next(module for module in network.modules() if isinstance(module, layer.Dropout))
+    dropout.register_forward_hook(lambda module, inputs, output: records.append((inputs[0], output)))
+
+    torch.manual_seed(0)
+    network(digits[0][:32])
+
+    spikes, passed = records[0]
+    assert spikes.shape[0] == 4
+    # Where a neuron fired at some timestep, the mask either kept it at every timestep or at none.
+    kept = passed != 0
+    fired = spikes != 0
+    kept_when_fired = (kept | ~fired).all(dim=0) & fired.any(dim=0)
+    dropped_when_fired = (~kept | ~fired).all(dim=0) & fired.any(dim=0)
+    assert torch.equal(kept_when_fired | dropped_when_fired, fired.any(dim=0))
+    assert dropped_when_fired.any(), "no fired neuron was dropped, so the check saw no mask"
+    assert torch.allclose(passed[kept], spikes[kept] / 0.8)
+
+
+def test_dropout_network_is_deterministic_in_eval_mode(trained_average_pooling_vgg, digits) -> None:
+    network = convert_vgg_to_snn(trained_average_pooling_vgg, digits[0][:128], timesteps=3)
+    first = network(digits[2][:16])
+    second = network(digits[2][:16])
+    assert torch.equal(first, second)
 
 
 def test_conversion_thresholds_are_percentiles(trained_vgg, digits) -> None:
