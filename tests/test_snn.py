@@ -465,6 +465,55 @@ def test_accumulates_match_spikingjelly_synop_counter(trained_vgg, digits) -> No
     assert spikingjelly_counts["encoder"] == 0
 
 
+def _fold_average_pooling(pool: nn.AvgPool2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """Return one convolution equal to ``conv(pool(x))`` for a 2x2 pooling and a 3x3 convolution with padding 1.
+
+    Each kernel tap of ``conv`` covers a 2x2 input window, so the folded kernel is 6x6 with
+    stride 2 and padding 2. It holds for inputs of even size, where no pooling window overhangs.
+    """
+    assert pool.kernel_size == 2 and pool.stride == 2 and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=6, stride=2, padding=2)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) / 4)
+        folded.bias.copy_(conv.bias)
+    return folded
+
+
+def test_accumulates_behind_average_pooling_match_folded_convolution(trained_average_pooling_vgg, digits) -> None:
+    train_images, _, test_images, _ = digits
+    network = convert_vgg_to_snn(trained_average_pooling_vgg, train_images[:64], timesteps=3).eval()
+    images = test_images[:16]
+    stats = measure_spike_statistics(network, [images])
+    costs = {cost.name: cost.accumulates for cost in stats.synaptic_layers}
+
+    # The same network with each average pooling folded into the convolution after it takes
+    # binary spikes everywhere, so SpikingJelly's SynOpCounter counts all of its synapses.
+    folded_network = copy.deepcopy(network)
+    children = list(folded_network.features)
+    folded_names = []
+    for index, module in enumerate(children[:-1]):
+        pool = module[0] if isinstance(module, layer.SeqToANNContainer) else None
+        if isinstance(pool, nn.AvgPool2d):
+            conv = children[index + 1][0]
+            children[index] = layer.SeqToANNContainer(nn.Identity())
+            children[index + 1] = layer.SeqToANNContainer(_fold_average_pooling(pool, conv))
+            folded_names.append(f"features.{index + 1}.0")
+    folded_network.features = nn.Sequential(*children)
+    assert torch.allclose(folded_network(images), network(images), atol=1e-4)
+
+    counter = SynOpCounter()
+    with torch.no_grad(), DispatchCounterMode([counter]):
+        folded_network(images)
+    spikingjelly_counts = {
+        scope.removeprefix("SpikingNetwork."): sum(counts.values()) / len(images)
+        for scope, counts in counter.records.items()
+    }
+    assert len(folded_names) == 2
+    for name in folded_names:
+        assert costs[name] > 0
+        assert costs[name] == spikingjelly_counts[name], name
+
+
 def test_statistics_stop_after_max_batches() -> None:
     batches = [torch.ones(1, 1, 1, 3), torch.ones(2, 1, 1, 3)]
     stats = measure_spike_statistics(_two_layer_network(), batches, max_batches=1)
