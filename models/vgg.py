@@ -49,7 +49,7 @@ class CifarVGG(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        if not 0 <= dropout < 1:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"model.dropout must be a probability in [0, 1), got {dropout!r}")
 
         layers: list[nn.Module] = []

@@ -9,17 +9,21 @@ Energy is estimated from operation counts with the 45 nm figures of Horowitz,
   receives binary spikes and performs one accumulate per spike per synapse that the
   spike reaches (its fan-out), summed over the T timesteps. The readout, global average
   pooling then a linear layer, counts ``num_classes`` accumulates per incoming spike.
-  An average pooling between a neuron layer and a synaptic layer can be folded into the
-  synaptic layer's weights, so each spike in a pooling window counts the fan-out of the
-  pooled position.
+  Behind an average pooling (one, or several in a row), each spike in a pooling window
+  reaches the synapses of the pooled position, weighted by one over the window's size, so
+  it counts one accumulate per synapse of that position. An average pooling of currents,
+  before a neuron layer, counts nothing.
 - The same network as an ANN: the MACs of all its convolutions and linear layers,
   counted as ``torch.utils.flop_counter`` does (padded positions included).
 
 The spike counts are exact per spike, so a spike at an image border counts only the
 synapses inside the image. The literature's ``spike_rate * MACs * T`` counts padded
 positions too, so it gives slightly more accumulates for the same spikes. For the hidden
-layers the counts equal SpikingJelly's ``op_counter.SynOpCounter``, which counts nothing
-for the readout, whose input is pooled.
+layers that no average pooling precedes, the counts equal SpikingJelly's
+``op_counter.SynOpCounter``. SynOpCounter counts a layer only when its whole input is
+binary, so it counts nothing for the readout, whose input is pooled, and rarely anything
+behind an average pooling. Where a pooled input happens to be binary, it counts a pooled
+position once, however many spikes its window holds.
 """
 
 from collections.abc import Iterable
@@ -280,38 +284,53 @@ def _register_counters(network: SpikingNetwork) -> tuple[list[_LayerCounter], li
 
 
 class _PooledSpikeCounts:
-    """The number of spikes in each window of the last average pooling, for the synaptic layer after it.
+    """The number of spikes in each window of the last average pooling, for the layer that reads its output.
 
     The synaptic layer receives the windows' mean, a fraction. Its accumulates are counted on
     the spikes instead: each spike in a window reaches the synapses of the pooled position.
+    The counts are paired with a reader by storage: a layer whose input is a view of the
+    pooling's output (through SeqToANNContainer reshapes and eval-mode dropout) reads them,
+    and any other input is counted as the binary spikes it must be.
     """
 
     def __init__(self) -> None:
         self.counts: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
 
     def pool_hook(self, name: str):
         def hook(module: nn.AvgPool2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            spikes = inputs[0]
-            _check_binary(spikes, name)
+            source = inputs[0]
+            if self._reads_pooled_output(source):
+                # A second pooling in a row pools the spike counts of the first.
+                source = self.counts.reshape(source.shape)
+            elif ((source != 0) & (source != 1)).any():
+                # Pooling of currents, before a neuron: there are no spikes to count.
+                self.counts = self.output = None
+                return
+            # A multi-step SpikingJelly pooling receives [T, N, C, H, W].
+            spatial = source.flatten(0, source.dim() - 4) if source.dim() > 4 else source
             self.counts = F.avg_pool2d(
-                spikes, module.kernel_size, module.stride, module.padding, module.ceil_mode, divisor_override=1
+                spatial, module.kernel_size, module.stride, module.padding, module.ceil_mode, divisor_override=1
             )
+            self.output = output
 
         return hook
 
     def spikes_into(self, inputs: torch.Tensor, name: str) -> torch.Tensor:
         """Return the spike counts behind a synaptic layer's input: the pooled counts, or the binary input itself."""
-        if self.counts is None:
+        if not self._reads_pooled_output(inputs):
             _check_binary(inputs, name)
             return inputs
-        counts, self.counts = self.counts, None
-        if counts.numel() != inputs.numel():
-            raise ValueError(
-                f"the input of {name} has shape {tuple(inputs.shape)}, which does not match the average pooling "
-                f"before it ({tuple(counts.shape)}), so its spikes cannot be counted. Only dropout and reshaping may "
-                "come between an average pooling and a synaptic layer"
-            )
+        counts = self.counts
+        self.counts = self.output = None
         return counts.reshape(inputs.shape)
+
+    def _reads_pooled_output(self, tensor: torch.Tensor) -> bool:
+        return (
+            self.output is not None
+            and tensor.data_ptr() == self.output.data_ptr()
+            and tensor.numel() == self.output.numel()
+        )
 
 
 def _encoder_hook(counter: _LayerCounter):

@@ -56,6 +56,8 @@ def test_vgg_rejects_invalid_pooling_and_dropout() -> None:
         create_model("vgg11_bn", 3, 10, pooling="mean")
     with pytest.raises(ValueError, match="model.dropout must be a probability in \\[0, 1\\), got 1.0"):
         create_model("vgg_bn", 3, 10, layout=[16, "M"], dropout=1.0)
+    with pytest.raises(ValueError, match="model.dropout must be a probability in \\[0, 1\\), got None"):
+        create_model("vgg_bn", 3, 10, layout=[16, "M"], dropout=None)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "vgg16_bn", "resnet18", "mobilenetv2_050"])

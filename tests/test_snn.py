@@ -538,6 +538,64 @@ def test_statistics_count_spikes_through_average_pooling() -> None:
     assert costs["features.1.1"].accumulates == 6.0
 
 
+def _pooling_network(*layers: nn.Module, readout_features: int) -> SpikingNetwork:
+    """Return a network whose encoder makes the first neuron fire wherever the image is 1."""
+    encoder = nn.Conv2d(1, 1, kernel_size=1)
+    with torch.no_grad():
+        encoder.weight.fill_(2.0)
+        encoder.bias.zero_()
+    return SpikingNetwork(
+        encoder, nn.Sequential(IIRLIFNode(), *layers), SpikeReadout(nn.Linear(readout_features, 2)), timesteps=2
+    )
+
+
+def test_statistics_count_through_two_average_poolings() -> None:
+    pooling = partial(nn.AvgPool2d, 2, 2, ceil_mode=True)
+    network = _pooling_network(
+        layer.SeqToANNContainer(pooling()),
+        layer.SeqToANNContainer(pooling()),
+        layer.SeqToANNContainer(nn.Conv2d(1, 2, 3, padding=1)),
+        IIRLIFNode(),
+        readout_features=2,
+    )
+    # The four corners of a 3x3 image fire at both timesteps. Both poolings bring them to the
+    # single 1x1 position, which reaches the convolution's 2 output channels: 4 * 2 * 2.
+    images = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
+    costs = {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+    assert costs["features.3.0"].accumulates == 16.0
+
+
+def test_statistics_count_neuron_after_average_pooling() -> None:
+    second = IIRLIFNode(threshold=0.3)
+    network = _pooling_network(
+        layer.SeqToANNContainer(nn.AvgPool2d(2, 2, ceil_mode=True)),
+        second,
+        layer.SeqToANNContainer(nn.Conv2d(1, 2, 3, padding=1)),
+        IIRLIFNode(),
+        readout_features=2,
+    )
+    fired: list[float] = []
+    second.register_forward_hook(lambda module, inputs, output: fired.append(output.sum().item()))
+    images = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
+    costs = {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+    # The convolution reads the second neuron's spikes, not the pooling's counts. On the
+    # 2x2 map each spike reaches all 4 positions of 2 channels.
+    assert fired[-1] > 0
+    assert costs["features.3.0"].accumulates == fired[-1] * 8
+
+
+def test_statistics_allow_average_pooling_of_currents() -> None:
+    network = _pooling_network(
+        layer.SeqToANNContainer(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2, 2, ceil_mode=True)),
+        IIRLIFNode(),
+        readout_features=2,
+    )
+    images = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
+    costs = {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+    # 4 spikes per timestep, each reaching 4 of the 3x3 map's positions in 2 channels.
+    assert costs["features.1.0"].accumulates == 64.0
+
+
 def test_statistics_reject_non_binary_input() -> None:
     encoder = nn.Conv2d(1, 1, kernel_size=1)
     halving = nn.Conv2d(1, 1, kernel_size=1, bias=False)
