@@ -58,6 +58,23 @@ BUDGET_PENALTIES = ("squared", "hinge")
 BUDGET_GRADIENTS = ("per_gate", "flops")
 
 
+def polarization_direction_warning(t: float, open_gradient: float, above_mean: float) -> str:
+    """Return the warning for a ``t`` at which R(s) pulls the open gates down, with the ``t`` that would not.
+
+    R separates the gates above the mean only for ``t < 2 * (1 - above_mean)``, ``above_mean``
+    being the fraction of scores above their mean.
+    """
+    bound = 2 * (1 - above_mean)
+    advice = f"Lower module.polarization_t below {bound:.3g}"
+    if t > 0.5:
+        advice += ", for example to 0.5, which separates them while up to 75% of the scores are above their mean"
+    return (
+        f"[pruning] polarization_t={t} pulls the open gates down towards the threshold (mean dR/ds "
+        f"{open_gradient:+.3f} on open gates), so R(s) does not separate them: with {100 * above_mean:.1f}% of "
+        f"the scores above their mean it does only for t < {bound:.3g}. {advice}."
+    )
+
+
 class PolarizationModule(ClassifierModule):
     """Train ``net`` with channel gates and a FLOPs budget; return it physically pruned at the end of fit.
 
@@ -327,13 +344,7 @@ class PolarizationModule(ClassifierModule):
         if open_gradient <= 0.0 or self.warned_polarization_direction:
             return
         above_mean = float((scores > scores.mean()).float().mean())
-        rank_zero_warn(
-            f"[pruning] polarization_t={self.polarization_t} pulls the open gates down towards the threshold "
-            f"(mean dR/ds {open_gradient:+.3f} on open gates), so R(s) does not separate them: with "
-            f"{100 * above_mean:.0f}% of the scores above their mean it does only for t < "
-            f"{2 * (1 - above_mean):.2f}. Lower module.polarization_t (0.5 separates them for any kept fraction "
-            "up to 75%)."
-        )
+        rank_zero_warn(polarization_direction_warning(self.polarization_t, open_gradient, above_mean))
         self.warned_polarization_direction = True
 
     def _settled(self) -> bool:

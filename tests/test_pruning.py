@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lightning_modules.callbacks.flops import count_forward_cost
+from lightning_modules.polarization import polarization_direction_warning
 from models import create_model
 from pruning import (
     ChannelGates,
@@ -183,6 +184,18 @@ def test_polarization_gradient_ignores_open_gates_below_mean() -> None:
     # gates above the mean get t - 0.4, and t = 0.3 separates them.
     scores = torch.cat([torch.ones(80), torch.full((10,), 0.6), torch.zeros(10)])
     assert polarization_gradient_on_open(scores, 0.3) == pytest.approx(0.3 - 0.4)
+
+
+def test_polarization_warning_advises_a_lower_t() -> None:
+    # Nearly every gate open at t = 0.5: R separates them only for t < 2 * (1 - 0.99) = 0.02,
+    # so the warning must not offer the 0.5 in use as the fix.
+    message = polarization_direction_warning(0.5, 0.48, 0.99)
+    assert "with 99.0% of the scores above their mean it does only for t < 0.02" in message
+    assert "Lower module.polarization_t below 0.02." in message
+    assert "for example to 0.5" not in message
+
+    message = polarization_direction_warning(1.2, 0.1, 0.45)
+    assert "Lower module.polarization_t below 1.1, for example to 0.5" in message
 
 
 def test_polarization_gradient_needs_both_states() -> None:
