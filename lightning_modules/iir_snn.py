@@ -7,8 +7,9 @@ Networks with Ultra Low Latency" (arXiv 2110.05929). The stages, each resumable 
 - ``ann``: train the VGG with :class:`ClassifierModule`, or, with ``module.ann_checkpoint``,
   load trained weights and only test them.
 - ``convert``: fold BatchNorm, set each layer's threshold to a percentile of its
-  pre-activations on a calibration batch from the training loader
-  (:func:`snn.convert_vgg_to_snn`), and test the spiking network at the first T.
+  ANN pre-activations or of its spiking input currents (``module.conversion.threshold_source``)
+  on a calibration batch from the training loader (:func:`snn.convert_vgg_to_snn`), and
+  test the spiking network at the first T.
 - ``T<t>`` for each t in ``module.timesteps``: train the spiking network at T=t with
   surrogate gradients, starting from the previous stage's weights, thresholds and leaks.
 
@@ -66,8 +67,8 @@ class IIRSNNPipeline(Pipeline):
     """The IIR-SNN stages: ``ann``, ``convert``, then one training stage per entry of ``module.timesteps``.
 
     It reads ``cfg.module`` (configs/module/iir_snn.yaml): ``timesteps``, ``ann_checkpoint``,
-    ``ann`` (the ANN's optimizer, schedule and epochs), ``conversion`` (percentile,
-    calibration images, output reduction) and ``snn`` (optimizer, schedule and epochs of
+    ``ann`` (the ANN's optimizer, schedule and epochs), ``conversion`` (threshold source,
+    percentile, calibration images and timesteps, output reduction) and ``snn`` (optimizer, schedule and epochs of
     each spiking stage). ``cfg.model`` must be a VGG that :func:`snn.convert_vgg_to_snn`
     accepts, and the energy constants come from ``cfg.callbacks.energy`` when it is set.
     """
@@ -145,6 +146,8 @@ class IIRSNNPipeline(Pipeline):
             timesteps=self.timesteps[0],
             percentile=conversion.percentile,
             output_reduction=conversion.output_reduction,
+            threshold_source=conversion.get("threshold_source", "ann"),
+            calibration_timesteps=conversion.get("calibration_timesteps"),
         )
         module = self.build_spiking_module(network)
         summary = run_lightning_stage(context, module, self.datamodule, fit=False)

@@ -24,10 +24,14 @@ Conversion, with the weights of the trained ANN:
    pre-activation, and activations above ``lambda_l`` are clipped. The leaks start
    at 1 (integrate-and-fire).
 
-IIR-SNN's own code (``vgg_spiking_bnfused_biasyes.py``) sets each threshold from a
-percentile, 90 by default, of the spiking network's input current, taking the maximum
-over the timesteps and calibrating one layer after another. The thresholds here come
-from the ANN, in one pass, and do not depend on T.
+With ``threshold_source="spiking"`` the thresholds come from the spiking network
+instead, as in IIR-SNN's own code (``find_threshold`` in ``snncifar_bnfused.py``). The
+weights keep the ANN's scale, and the layers are calibrated one after another. Each
+layer runs the spiking network, with the thresholds already set, on the calibration
+images for ``calibration_timesteps``. Its threshold is the ``percentile``-th percentile
+of all its input currents, negative ones included, at each timestep, and the maximum of
+that over the timesteps. IIR-SNN's code calibrates at 500 timesteps. The multi-step
+network here keeps every timestep in memory at once, so the default is the network's T.
 
 Each ``MaxPool2d`` becomes a :class:`snn.network.RateGatedMaxPool2d`, which passes
 the spikes of the window's most active input. Plain max-pooling of spikes fires when
@@ -53,9 +57,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.cifar_resnet import BasicBlock
 from snn.network import RateGatedMaxPool2d, SpikeReadout, SpikingNetwork
-from snn.neuron import IIRLIFNode
+from snn.neuron import IIRLIFNode, spiking_neurons
 
 DEFAULT_PERCENTILE = 99.7
+
+# Sources of the thresholds: the ANN's positive pre-activations, or the spiking
+# network's input currents (IIR-SNN's code).
+THRESHOLD_SOURCES = ("ann", "spiking")
 
 # Layers that may follow a convolution's ReLU. nn.Dropout2d and nn.AlphaDropout are not
 # nn.Dropout subclasses, so they get the error that names the supported layers.
@@ -85,17 +93,23 @@ def convert_vgg_to_snn(
     timesteps: int = 5,
     percentile: float = DEFAULT_PERCENTILE,
     output_reduction: str = "mean",
+    threshold_source: str = "ann",
+    calibration_timesteps: int | None = None,
 ) -> SpikingNetwork:
     """Convert a trained VGG with BatchNorm into a :class:`SpikingNetwork` with IIR-SNN neurons.
 
     Args:
         model: a :class:`models.vgg.CifarVGG`, or a model of the same layout. It is not changed.
         calibration_images: a batch ``[N, C, H, W]``, prepared as for the ANN, whose
-            pre-activations set the thresholds. IIR-SNN's code calibrates on 512 training images.
+            activations set the thresholds. IIR-SNN's code calibrates on 512 training images.
         timesteps: T of the returned network (``set_timesteps`` changes it later).
-        percentile: percentile in (0, 100] of each layer's positive pre-activations
-            that becomes its threshold. 100 takes the maximum.
+        percentile: percentile in (0, 100] that becomes each layer's threshold: of its
+            positive pre-activations in the ANN (``threshold_source="ann"``), or of all its
+            input currents in the spiking network (``"spiking"``). 100 takes the maximum.
         output_reduction: ``"mean"`` or ``"sum"`` of the readout over timesteps.
+        threshold_source: ``"ann"`` or ``"spiking"`` (see the module docstring).
+        calibration_timesteps: T of the calibration runs with ``threshold_source="spiking"``.
+            None uses ``timesteps``.
 
     Returns the network on the model's device, in eval mode.
     """
@@ -105,10 +119,39 @@ def convert_vgg_to_snn(
         raise ValueError(
             f"calibration_images must be a non-empty batch [N, C, H, W], got shape {tuple(calibration_images.shape)}"
         )
+    if threshold_source not in THRESHOLD_SOURCES:
+        raise ValueError(f"threshold_source must be one of {', '.join(THRESHOLD_SOURCES)}, got {threshold_source!r}")
 
     stages, classifier = _parse_vgg(model)
     device = classifier.weight.device
+    if threshold_source == "spiking":
+        # Thresholds of 1 are placeholders, set layer by layer below. Each spike then
+        # carries the weight of an ANN activation of 1.
+        network = _build_network(stages, classifier, [1.0] * len(stages), False, timesteps, output_reduction)
+        network.to(device)
+        if calibration_timesteps is None:
+            calibration_timesteps = timesteps
+        _calibrate_spiking_thresholds(network, calibration_images.to(device), percentile, calibration_timesteps)
+        return network.eval()
+
     thresholds = _calibrate_thresholds(stages, calibration_images.to(device), percentile)
+    network = _build_network(stages, classifier, thresholds, True, timesteps, output_reduction)
+    return network.to(device).eval()
+
+
+def _build_network(
+    stages: list[_ConvStage],
+    classifier: nn.Linear,
+    thresholds: list[float],
+    scale_weights: bool,
+    timesteps: int,
+    output_reduction: str,
+) -> SpikingNetwork:
+    """Assemble the spiking network from the ANN's stages.
+
+    With ``scale_weights`` each synaptic layer's weights are multiplied by the threshold of
+    the neuron layer before it, so that a spike stands for an ANN activation of that size.
+    """
 
     layers: list[nn.Module] = []
     encoder: nn.Module | None = None
@@ -123,20 +166,59 @@ def convert_vgg_to_snn(
             layers.append(layer.SeqToANNContainer(conv))
         layers.append(IIRLIFNode(threshold=threshold, leak=1.0))
         layers.extend(_spiking_layer(module) for module in stage.after)
-        input_scale = threshold
+        input_scale = threshold if scale_weights else 1.0
 
     readout_classifier = copy.deepcopy(classifier)
     with torch.no_grad():
         readout_classifier.weight.mul_(input_scale)
 
-    network = SpikingNetwork(
+    return SpikingNetwork(
         encoder=encoder,
         features=nn.Sequential(*layers),
         readout=SpikeReadout(readout_classifier),
         timesteps=timesteps,
         output_reduction=output_reduction,
     )
-    return network.to(device).eval()
+
+
+class _CalibrationDone(Exception):
+    """Raised by a calibration hook once it has the currents, so the rest of the network does not run."""
+
+
+@torch.no_grad()
+def _calibrate_spiking_thresholds(
+    network: SpikingNetwork, images: torch.Tensor, percentile: float, calibration_timesteps: int
+) -> None:
+    """Set each neuron layer's threshold from its input currents, one layer after another."""
+    timesteps = network.timesteps
+    network.eval()
+    network.set_timesteps(calibration_timesteps)
+    try:
+        for name, node in spiking_neurons(network):
+            currents: list[torch.Tensor] = []
+
+            def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], store=currents) -> None:
+                store.append(inputs[0])
+                raise _CalibrationDone
+
+            handle = node.register_forward_pre_hook(record)
+            try:
+                network(images)
+            except _CalibrationDone:
+                pass
+            finally:
+                handle.remove()
+
+            threshold = max(_percentile(current, percentile) for current in currents[0])
+            if threshold <= 0:
+                raise ValueError(
+                    f"{name}: the {percentile}th percentile of its input currents on the {len(images)} calibration "
+                    f"images is {threshold:.4g}, not positive, so it cannot be a threshold. Raise "
+                    "module.conversion.percentile, or check that the ANN is trained"
+                )
+            node.threshold.fill_(threshold)
+    finally:
+        network.set_timesteps(timesteps)
 
 
 def _spiking_layer(module: nn.Module) -> nn.Module:

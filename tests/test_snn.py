@@ -1,6 +1,7 @@
 """Spiking networks: the IIR-SNN neuron, VGG conversion, the network wrapper and spike statistics."""
 
 import copy
+import math
 from functools import partial
 from types import SimpleNamespace
 
@@ -259,6 +260,44 @@ def test_conversion_thresholds_are_percentiles(trained_vgg, digits) -> None:
     assert (positive <= threshold).float().mean().item() >= 0.997 - 1e-6
     for name, node in spiking_neurons(network):
         assert node.leak.item() == 1.0, f"leak of {name} does not start at 1"
+
+
+def _nearest_rank_percentile(values: torch.Tensor, percentile: float) -> float:
+    rank = max(1, math.ceil(percentile / 100 * values.numel()))
+    return values.flatten().sort().values[rank - 1].item()
+
+
+def test_spiking_thresholds_follow_input_currents(trained_vgg, digits) -> None:
+    images = digits[0][:128]
+    network = convert_vgg_to_snn(trained_vgg, images, timesteps=4, percentile=90, threshold_source="spiking")
+    neurons = spiking_neurons(network)
+
+    # The first layer's current is the folded convolution of the image, the same at every timestep.
+    first_conv = fold_batchnorm(trained_vgg.features[0], trained_vgg.features[1])
+    with torch.no_grad():
+        first_current = first_conv(images)
+    assert neurons[0][1].threshold.item() == pytest.approx(_nearest_rank_percentile(first_current, 90))
+    # The weights keep the ANN's scale: no threshold is folded into them.
+    second_conv = network.features[2][0]
+    expected = fold_batchnorm(trained_vgg.features[4], trained_vgg.features[5])
+    assert torch.allclose(second_conv.weight, expected.weight)
+
+    # Each later threshold is the largest per-timestep percentile of its input current, with
+    # the thresholds before it already set.
+    currents: list[torch.Tensor] = []
+    neurons[1][1].register_forward_pre_hook(lambda module, inputs: currents.append(inputs[0]))
+    with torch.no_grad():
+        network(images)
+    expected_threshold = max(_nearest_rank_percentile(current, 90) for current in currents[0])
+    assert neurons[1][1].threshold.item() == pytest.approx(expected_threshold)
+    assert network.timesteps == 4
+
+
+def test_spiking_thresholds_reject_non_positive_percentile(trained_vgg, digits) -> None:
+    with pytest.raises(ValueError, match="features.0: the 1.0th percentile of its input currents .* not positive"):
+        convert_vgg_to_snn(trained_vgg, digits[0][:64], percentile=1.0, threshold_source="spiking")
+    with pytest.raises(ValueError, match="threshold_source must be one of ann, spiking, got 'relu'"):
+        convert_vgg_to_snn(trained_vgg, digits[0][:64], threshold_source="relu")
 
 
 def test_converted_network_is_vgg_sized(trained_vgg, digits) -> None:
