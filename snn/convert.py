@@ -152,7 +152,6 @@ def _build_network(
     With ``scale_weights`` each synaptic layer's weights are multiplied by the threshold of
     the neuron layer before it, so that a spike stands for an ANN activation of that size.
     """
-
     layers: list[nn.Module] = []
     encoder: nn.Module | None = None
     input_scale = 1.0  # The image is analog, so the first layer's weights keep their scale.
