@@ -46,12 +46,9 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return images[:1400], labels[:1400], images[1400:], labels[1400:]
 
 
-@pytest.fixture(scope="module")
-def trained_vgg(digits) -> CifarVGG:
-    """Return a small CifarVGG trained for six epochs on the digits (about 2 s on one CPU thread)."""
+def _train_on_digits(model: CifarVGG, digits) -> CifarVGG:
+    """Train ``model`` for six epochs on the digits (about 2 s on one CPU thread) and return it in eval mode."""
     train_images, train_labels, _, _ = digits
-    torch.manual_seed(0)
-    model = CifarVGG(DIGITS_LAYOUT, in_channels=1, num_classes=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(6):
         for start in range(0, len(train_images), 64):
@@ -60,22 +57,21 @@ def trained_vgg(digits) -> CifarVGG:
             loss.backward()
             optimizer.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_vgg(digits) -> CifarVGG:
+    """Return a small CifarVGG trained on the digits."""
+    torch.manual_seed(0)
+    return _train_on_digits(CifarVGG(DIGITS_LAYOUT, in_channels=1, num_classes=10), digits)
 
 
 @pytest.fixture(scope="module")
 def trained_average_pooling_vgg(digits) -> CifarVGG:
-    """Return a digits CifarVGG with IIR-SNN's average pooling and dropout 0.2, trained for six epochs."""
-    train_images, train_labels, _, _ = digits
+    """Return a digits CifarVGG with IIR-SNN's average pooling and dropout 0.2, trained on the digits."""
     torch.manual_seed(0)
     model = CifarVGG([16, "M", 32, 32, "M", 64], in_channels=1, num_classes=10, pooling="avg", dropout=0.2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(6):
-        for start in range(0, len(train_images), 64):
-            loss = F.cross_entropy(model(train_images[start : start + 64]), train_labels[start : start + 64])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return _train_on_digits(model, digits)
 
 
 def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -577,6 +573,14 @@ def test_statistics_count_spikes_through_average_pooling() -> None:
     assert costs["features.1.1"].accumulates == 6.0
 
 
+# A 3x3 image that is 1 at its four corners.
+CORNERS = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
+
+
+def _layer_costs(network: SpikingNetwork, images: torch.Tensor) -> dict:
+    return {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+
+
 def _pooling_network(*layers: nn.Module, readout_features: int) -> SpikingNetwork:
     """Return a network whose encoder makes the first neuron fire wherever the image is 1."""
     encoder = nn.Conv2d(1, 1, kernel_size=1)
@@ -599,8 +603,7 @@ def test_statistics_count_through_two_average_poolings() -> None:
     )
     # The four corners of a 3x3 image fire at both timesteps. Both poolings bring them to the
     # single 1x1 position, which reaches the convolution's 2 output channels: 4 * 2 * 2.
-    images = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
-    costs = {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+    costs = _layer_costs(network, CORNERS)
     assert costs["features.3.0"].accumulates == 16.0
 
 
@@ -615,8 +618,7 @@ def test_statistics_count_neuron_after_average_pooling() -> None:
     )
     fired: list[float] = []
     second.register_forward_hook(lambda module, inputs, output: fired.append(output.sum().item()))
-    images = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
-    costs = {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+    costs = _layer_costs(network, CORNERS)
     # The convolution reads the second neuron's spikes, not the pooling's counts. On the
     # 2x2 map each spike reaches all 4 positions of 2 channels.
     assert fired[-1] > 0
@@ -629,8 +631,7 @@ def test_statistics_allow_average_pooling_of_currents() -> None:
         IIRLIFNode(),
         readout_features=2,
     )
-    images = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 0, 1]]).view(1, 1, 3, 3)
-    costs = {cost.name: cost for cost in measure_spike_statistics(network, [images]).synaptic_layers}
+    costs = _layer_costs(network, CORNERS)
     # 4 spikes per timestep, each reaching 4 of the 3x3 map's positions in 2 channels.
     assert costs["features.1.0"].accumulates == 64.0
 
