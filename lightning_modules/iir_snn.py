@@ -68,8 +68,8 @@ class IIRSNNPipeline(Pipeline):
 
     It reads ``cfg.module`` (configs/module/iir_snn.yaml): ``timesteps``, ``ann_checkpoint``,
     ``ann`` (the ANN's optimizer, schedule and epochs), ``conversion`` (threshold source,
-    percentile, calibration images and timesteps, output reduction) and ``snn`` (optimizer, schedule and epochs of
-    each spiking stage). ``cfg.model`` must be a VGG that :func:`snn.convert_vgg_to_snn`
+    percentile, calibration images and timesteps, output reduction) and ``snn`` (optimizer,
+    schedule and epochs of each spiking stage). ``cfg.model`` must be a VGG that :func:`snn.convert_vgg_to_snn`
     accepts, and the energy constants come from ``cfg.callbacks.energy`` when it is set.
     """
 
