@@ -10,9 +10,9 @@ Energy is estimated from operation counts with the 45 nm figures of Horowitz,
   spike reaches (its fan-out), summed over the T timesteps. The readout, global average
   pooling then a linear layer, counts ``num_classes`` accumulates per incoming spike.
   Behind an average pooling (one, or several in a row), each spike in a pooling window
-  reaches the synapses of the pooled position, weighted by one over the number of inputs in
-  the window, so it counts one accumulate per synapse of that position. An average pooling of currents,
-  before a neuron layer, counts nothing.
+  reaches the synapses of the pooled position, weighted by one over the number of inputs
+  in the window, so it counts one accumulate per synapse of that position. An average
+  pooling of currents, before a neuron layer, counts nothing.
 - The same network as an ANN: the MACs of all its convolutions and linear layers,
   counted as ``torch.utils.flop_counter`` does (padded positions included).
 
