@@ -18,7 +18,7 @@ from models.registry import register_model
 
 POOLINGS = ("max", "avg")
 
-# Output channels of each 3x3 convolution; "M" is a 2x2 pooling (max or average, see CifarVGG).
+# Output channels of each 3x3 convolution, and "M" for a 2x2 pooling (max or average, see CifarVGG).
 _LAYOUTS: dict[str, list[int | str]] = {
     "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],

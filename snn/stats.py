@@ -288,9 +288,9 @@ class _PooledSpikeCounts:
 
     The synaptic layer receives the windows' mean, a fraction. Its accumulates are counted on
     the spikes instead: each spike in a window reaches the synapses of the pooled position.
-    The counts are paired with a reader by storage: a layer whose input is a view of the
-    pooling's output (through SeqToANNContainer reshapes and eval-mode dropout) reads them,
-    and any other input is counted as the binary spikes it must be.
+    A layer reads the counts only when its input shares storage with the pooling's output,
+    as views through SeqToANNContainer reshapes and eval-mode dropout do. Any other input
+    must be binary spikes and is counted as such.
     """
 
     def __init__(self) -> None:
@@ -304,7 +304,7 @@ class _PooledSpikeCounts:
                 # A second pooling in a row pools the spike counts of the first.
                 source = self.counts.reshape(source.shape)
             elif ((source != 0) & (source != 1)).any():
-                # Pooling of currents, before a neuron: there are no spikes to count.
+                # A pooling of currents, before a neuron, has no spikes to count.
                 self.counts = self.output = None
                 return
             # A multi-step SpikingJelly pooling receives [T, N, C, H, W].
