@@ -1,5 +1,6 @@
 """FLOPs, MACs and energy accounting against hand-computed figures."""
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from lightning_modules.callbacks import throughput
-from lightning_modules.callbacks.energy import EnergyMeter, OperationCounts, estimate_inference_energy
+from lightning_modules.callbacks.energy import EnergyCallback, EnergyMeter, OperationCounts, estimate_inference_energy
 from lightning_modules.callbacks.flops import count_forward_cost
 from models import create_model
 
@@ -76,6 +77,29 @@ def test_measured_energy_unavailable_is_not_zero() -> None:
     measured = meter.end("fit")
     assert measured.joules is None
     assert measured.detail.startswith("unavailable: no NVIDIA GPU in use")
+
+
+def test_unavailable_energy_reason_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible, so measured energy may be available")
+    callback = EnergyCallback()
+    callback.meter = EnergyMeter(gpu_index=None, read_cpu=False)
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("cpu"), reduce=lambda value, **_: value),
+        world_size=1,
+        loggers=[],
+        global_step=0,
+    )
+
+    with caplog.at_level(logging.INFO):
+        for window in ("fit", "test"):
+            callback.meter.begin(window)
+            callback._finish_window(window, trainer)
+
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("[energy]")]
+    assert lines[0].startswith("[energy] fit: measured unavailable: no NVIDIA GPU in use")
+    assert lines[1] == "[energy] test: measured unavailable, for the reason given above"
+    assert callback.measured["test"].detail == callback.measured["fit"].detail
 
 
 def test_throughput_after_mid_epoch_resume(monkeypatch: pytest.MonkeyPatch) -> None:

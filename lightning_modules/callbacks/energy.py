@@ -192,8 +192,11 @@ class EnergyCallback(L.Callback):
             measured = MeasuredEnergy(total, measured.seconds, detail)
             for logger in trainer.loggers:
                 logger.log_metrics({f"energy/{window}_measured_j": total}, step=trainer.global_step)
+        # The reason for missing energy is logged in full once. Later windows (test after fit) refer to it.
+        reason_logged = measured.joules is None and any(m.detail == measured.detail for m in self.measured.values())
         self.measured[window] = measured
-        rank_zero_info(f"[energy] {window}: measured {_format_measured(measured)}")
+        summary = "unavailable, for the reason given above" if reason_logged else _format_measured(measured)
+        rank_zero_info(f"[energy] {window}: measured {summary}")
 
     def _estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         try:
