@@ -204,6 +204,8 @@ class PolarizationModule(ClassifierModule):
         # Gate state that checkpoints carry (see on_save_checkpoint).
         self.frozen = False
         self.extracted = False
+        # The gates freeze at the start of an epoch, so this 0-based epoch index is also the
+        # number of epochs trained before the freeze.
         self.freeze_epoch: int | None = None
         self.reduction_from_gates: float | None = None
         self.keep_masks: dict[int, torch.Tensor] | None = None
@@ -392,7 +394,7 @@ class PolarizationModule(ClassifierModule):
         if self.prune_blocks and self.graph.blocks:
             blocks = f", {len(removed)} of {len(self.graph.blocks)} residual blocks removed"
         rank_zero_info(
-            f"[pruning] gates frozen at epoch {self.freeze_epoch}: FLOPs reduction {100 * reduction:.1f}% "
+            f"[pruning] gates frozen after {self.freeze_epoch} epochs: FLOPs reduction {100 * reduction:.1f}% "
             f"(target {100 * self.flops_reduction:.1f}%){blocks}"
         )
 
@@ -620,7 +622,7 @@ class PruningReportCallback(L.Callback):
 
         log.info("kept channels per layer (%s):\n%s", folder / "channels.txt", table)
         log.info(
-            "pruning: FLOPs reduction %.1f%% (target %.1f%%), parameter reduction %.1f%%, gates frozen at epoch %s",
+            "pruning: FLOPs reduction %.1f%% (target %.1f%%), parameter reduction %.1f%%, gates frozen after %s epochs",
             100 * self.report["pruning_flops_reduction"],
             100 * self.report["pruning_flops_reduction_target"],
             100 * self.report["pruning_params_reduction"],
@@ -644,7 +646,7 @@ class PruningReportCallback(L.Callback):
                 "parameter reduction",
                 f"{100 * report['pruning_params_reduction']:.1f} % (dense {report['pruning_dense_params']:,})",
             ),
-            ("gates frozen at epoch", str(report["pruning_freeze_epoch"])),
+            ("gates frozen after", f"{report['pruning_freeze_epoch']} epochs"),
         ]
         if report.get("pruning_blocks") == 0:
             rows.append(("residual blocks removed", "none: the network has no removable residual block"))

@@ -440,6 +440,7 @@ def test_summary_without_blocks() -> None:
         "pruning_blocks": 0,
     }
     rows = dict(callback.summary_rows())
+    assert rows["gates frozen after"] == "2 epochs"
     assert rows["residual blocks removed"] == "none: the network has no removable residual block"
 
     callback.report.update(pruning_blocks_removed=2, pruning_blocks=9)
