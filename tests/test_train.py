@@ -59,6 +59,27 @@ def test_experiment_runs_one_batch(compose_config: ComposeConfig, experiment: st
     assert any(key.startswith("test/") for key in summary)
 
 
+# fast_dev_run writes no checkpoint, so these runs train one real batch: the best
+# checkpoint must monitor a metric that the module logs, with no experiment to set it.
+@pytest.mark.parametrize(
+    "module_overrides", [("module=classifier",), ("module=ddpm", "model=unet"), ("module=oms", "model=oms")]
+)
+def test_module_alone_writes_best_checkpoint(
+    compose_config: ComposeConfig, tmp_path: Path, module_overrides: tuple[str, ...]
+) -> None:
+    one_batch = [f"trainer.limit_{split}_batches=1" for split in ("train", "val", "test")]
+    train(
+        compose_config(*module_overrides, *one_batch, "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=none")
+    )
+    assert len(list((tmp_path / "checkpoints").glob("best_epoch_*.ckpt"))) == 1
+
+
+def test_slimflow_alone_monitors_val_loss(compose_config: ComposeConfig) -> None:
+    checkpoint = compose_config("module=slimflow").callbacks.model_checkpoint
+    assert checkpoint.monitor == "val/loss"
+    assert checkpoint.mode == "min"
+
+
 @pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "none", "many"])
 def test_logger_choice_runs(compose_config: ComposeConfig, logger: str) -> None:
     cfg = compose_config("trainer.fast_dev_run=true", "trainer.accelerator=cpu", f"logger={logger}")
