@@ -13,6 +13,7 @@ image shape. ``sample.py`` rebuilds the network from it with ``torch.load(weight
 """
 
 import copy
+import inspect
 import json
 import logging
 import time
@@ -238,6 +239,22 @@ class NetworkEvaluation(nn.Module):
         return self.net(x, timesteps)
 
 
+def check_denoiser(net: nn.Module, module_option: str) -> None:
+    """Raise a ``ValueError`` unless ``net.forward`` takes the timesteps after the images.
+
+    A classifier such as ``resnet20`` (the default model) takes images only, and would fail
+    later inside a cost callback with a bare ``TypeError``.
+    """
+    parameters = list(inspect.signature(net.forward).parameters.values())
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return
+    raise ValueError(
+        f"module={module_option} needs a network that takes (images, timesteps), but {type(net).__name__} takes "
+        "images only. Choose a denoiser, such as model=unet or model=unet_slimflow_15m"
+    )
+
+
 def is_class_conditional(net: nn.Module) -> bool:
     """Return whether ``net`` takes class labels: it has a ``num_classes`` attribute that is not None."""
     return getattr(net, "num_classes", None) is not None
@@ -436,6 +453,7 @@ class DDPMModule(ImageDataMixin, LightningModule):
         sampling: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_denoiser(net, "ddpm")
         validate_prediction_type(prediction_type)
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}")

@@ -44,7 +44,7 @@ from diffusion.slimflow import (
 from lightning_modules.callbacks.energy import OperationCounts
 from lightning_modules.callbacks.flops import count_forward_cost
 from lightning_modules.classifier import OptimizerFactory
-from lightning_modules.diffusion import EMA, NetworkEvaluation, save_grid, to_plain, to_uint8
+from lightning_modules.diffusion import EMA, NetworkEvaluation, check_denoiser, save_grid, to_plain, to_uint8
 from lightning_modules.image_data import ImageDataMixin, image_metadata
 from models.registry import MODEL_SPEC_ATTRIBUTE, create_model
 from models.unet import (
@@ -146,6 +146,7 @@ class FlowModuleBase(ImageDataMixin, LightningModule):
         sampling: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        check_denoiser(net, "slimflow")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.net = net

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffusion.rectified_flow import network_velocity, sample_flow
 from diffusion.reflow_pairs import generate_reflow_pairs
 from diffusion.slimflow import check_distance, describe_distance
-from lightning_modules.diffusion import save_grid, to_uint8
+from lightning_modules.diffusion import check_denoiser, save_grid, to_uint8
 from lightning_modules.pipeline import (
     Pipeline,
     Stage,
@@ -91,6 +91,8 @@ class SlimFlowPipeline(Pipeline):
         # Raises now, not after the teacher has trained, for an unknown distance or missing LPIPS weights.
         check_distance(self.distance["name"], self.distance.get("vgg_weights"))
         self.datamodule = instantiate_user_object(cfg.data)
+        # Raises now, not after the teacher has trained, for a student that takes no timesteps.
+        check_denoiser(self._build_network(cfg.model), "slimflow")
         self.parameter_counts: dict[str, int] = {}
 
     def stages(self) -> list[Stage]:

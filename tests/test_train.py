@@ -74,6 +74,14 @@ def test_module_alone_writes_best_checkpoint(
     assert len(list((tmp_path / "checkpoints").glob("best_epoch_*.ckpt"))) == 1
 
 
+@pytest.mark.parametrize("module", ["ddpm", "slimflow"])
+def test_classifier_as_denoiser_is_rejected(compose_config: ComposeConfig, tmp_path: Path, module: str) -> None:
+    # The default model, resnet20, takes no timesteps. SlimFlow must reject it before its teacher trains.
+    with pytest.raises(ValueError, match=f"module={module} needs a network that takes \\(images, timesteps\\)"):
+        train(compose_config(f"module={module}", *FAST))
+    assert not (tmp_path / "stages").exists()
+
+
 def test_slimflow_alone_monitors_val_loss(compose_config: ComposeConfig) -> None:
     checkpoint = compose_config("module=slimflow").callbacks.model_checkpoint
     assert checkpoint.monitor == "val/loss"
