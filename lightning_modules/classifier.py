@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_modules.callbacks.flops import example_input_from_datamodule
 from lightning_modules.pipeline import load_stage_weights
 from lightning_modules.schedules import build_scheduler
-from lightning_modules.setup_run import resolve_checkpoint_path
+from lightning_modules.setup_run import resolve_checkpoint_path, summarize_load_error
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def load_classifier_weights(net: nn.Module, path: str | Path) -> None:
         net.load_state_dict(prefixed or state)
     except RuntimeError as error:
         raise ValueError(
-            f"the weights in {resolved} do not fit the model of this run ({type(net).__name__}): {error}. "
+            f"the weights in {resolved} do not fit the model of this run ({type(net).__name__}): "
+            f"{summarize_load_error(error)}. "
             "Set model= to the architecture the checkpoint was trained with"
         ) from None
 

@@ -141,6 +141,59 @@ def check_checkpoint_file(path: Path) -> None:
         )
 
 
+def summarize_load_error(error: RuntimeError, examples: int = 3) -> str:
+    """Condense torch's ``load_state_dict`` error to counts and a few key names.
+
+    torch lists every missing and unexpected key, thousands of characters for a ResNet,
+    which buries the one line a user needs.
+    """
+    parts = []
+    for line in str(error).splitlines()[1:]:
+        line = line.strip()
+        names = re.findall(r'"([^"]+)"', line)
+        if line.startswith(("Missing key(s)", "Unexpected key(s)")) and names:
+            kind = "missing" if line.startswith("Missing") else "unexpected"
+            listed = ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+            parts.append(f"{len(names)} {kind} key(s) ({listed})")
+        elif line.startswith("size mismatch"):
+            parts.append(line.rstrip("."))
+    if not parts:
+        return str(error)
+    if len(parts) > examples + 2:
+        parts = parts[: examples + 2] + [f"{len(parts) - examples - 2} more size mismatch(es)"]
+    return "; ".join(parts)
+
+
+def recorded_overrides(checkpoint: str | Path) -> list[str] | None:
+    """Return the command-line overrides of the run that wrote ``checkpoint``, from its ``.hydra/overrides.yaml``.
+
+    ``checkpoint`` is a file in a run folder's ``checkpoints/``. None when the folder has no record.
+    """
+    path = Path(checkpoint)
+    run_folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    record = run_folder / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return None
+    overrides = OmegaConf.load(record)
+    return [str(item) for item in overrides if not str(item).startswith(("ckpt_path=", "train=", "test="))]
+
+
+def checkpoint_mismatch_error(checkpoint: str, module: L.LightningModule, error: RuntimeError) -> ValueError:
+    """Return the error for a checkpoint whose weights do not fit this run's module and network."""
+    net = getattr(module, "net", None)
+    network = f", network {type(net).__name__}" if net is not None else ""
+    message = (
+        f"the weights in {checkpoint} do not fit this run's module ({type(module).__name__}{network}): "
+        f"{summarize_load_error(error)}. "
+    )
+    overrides = recorded_overrides(checkpoint)
+    if overrides:
+        message += f"The run that wrote it was started with: {' '.join(overrides)}. Pass the same overrides"
+    else:
+        message += "Pass the experiment, module and model overrides of the run that wrote it"
+    return ValueError(message)
+
+
 def log_resolved_config(cfg: DictConfig, loggers: list[Logger]) -> None:
     """Send the fully resolved config to every logger, so runs can be compared by any key."""
     # Hydra's own section has values that exist only in multiruns; it is not the run's config.

@@ -3,6 +3,8 @@
 import logging
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from lightning_modules.run_summary import collect_summary, describe_run, format_
 from lightning_modules.setup_run import (
     check_accelerator,
     check_checkpoint_file,
+    checkpoint_mismatch_error,
     instantiate_callbacks,
     instantiate_loggers,
     instantiate_user_object,
@@ -77,10 +80,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     # The resumed checkpoint has the run's weights, so the initial ones need not exist any more.
                     log.info("resuming, so module.init_checkpoint=%s is not loaded", module.init_checkpoint)
                     module.init_checkpoint = None
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
+                with _checkpoint_fits(resume_checkpoint, module):
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
                 stop_if_sigterm_received(trainer, "fit")
             if cfg.get("test", True):
-                trainer.test(module, datamodule=datamodule, ckpt_path=_test_weights(cfg, trainer))
+                test_checkpoint = _test_weights(cfg, trainer)
+                with _checkpoint_fits(test_checkpoint, module):
+                    trainer.test(module, datamodule=datamodule, ckpt_path=test_checkpoint)
                 stop_if_sigterm_received(trainer, "test")
 
         output_dir = Path(cfg.paths.output_dir)
@@ -94,6 +100,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return summary
     finally:
         _close_wandb()
+
+
+@contextmanager
+def _checkpoint_fits(checkpoint: str | None, module: L.LightningModule) -> Iterator[None]:
+    """Replace torch's error for a checkpoint of another module or network with one that names the overrides to pass."""
+    try:
+        yield
+    except RuntimeError as error:
+        if checkpoint is None or not str(error).startswith("Error(s) in loading state_dict"):
+            raise
+        raise checkpoint_mismatch_error(checkpoint, module, error) from None
 
 
 def _validate_test_weights(cfg: DictConfig) -> None:

@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import torch.nn as nn
 from omegaconf import open_dict
 
 from lightning_modules.classifier import ClassifierModule, load_classifier_weights
+from lightning_modules.setup_run import summarize_load_error
 from lightning_modules.training import train
 from models import create_model
 from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
@@ -315,6 +317,48 @@ def test_init_checkpoint_of_other_model_is_named(compose_config: ComposeConfig, 
     net = create_model("resnet32", in_channels=1, num_classes=10)
     with pytest.raises(ValueError, match="(?s)do not fit the model of this run .*Set model="):
         load_classifier_weights(net, tmp_path)
+
+
+def test_test_only_with_other_model_names_overrides(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    train(compose_config(*DENSE_RUN))
+    # What Hydra writes into a run folder; compose_config runs no Hydra job, so the test writes it.
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- module=classifier\n- data.train_subset=64\n")
+
+    cfg = compose_config("module=classifier", "model=resnet32", "logger=none", "train=false", f"ckpt_path={tmp_path}")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "test_only")
+    with pytest.raises(ValueError) as raised:
+        train(cfg)
+
+    message = str(raised.value)
+    assert "do not fit this run's module (ClassifierModule, network CifarResNet)" in message
+    assert "missing key(s) (net.layer1.3.conv1.weight" in message
+    assert "started with: module=classifier data.train_subset=64. Pass the same overrides" in message
+    assert len(message) < 1000
+
+
+def _load_error(net: nn.Module, state: dict[str, torch.Tensor]) -> RuntimeError:
+    with pytest.raises(RuntimeError) as raised:
+        net.load_state_dict(state)
+    return raised.value
+
+
+def test_load_error_summary_counts_keys() -> None:
+    error = _load_error(
+        nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 4)), {"0.weight": torch.zeros(3), "2.weight": torch.zeros(1)}
+    )
+    summary = summarize_load_error(error)
+    assert summary.startswith("3 missing key(s) (0.bias, 1.weight, 1.bias); 1 unexpected key(s) (2.weight); ")
+    assert "size mismatch for 0.weight: copying a param with shape torch.Size([3])" in summary
+
+
+def test_load_error_summary_shortens_mismatches() -> None:
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(8)])
+    error = _load_error(net, {name: torch.zeros(1) for name in net.state_dict()})
+    summary = summarize_load_error(error)
+    assert summary.count("size mismatch for") == 5
+    assert summary.endswith("; 11 more size mismatch(es)")
 
 
 # Four epochs at a constant learning rate of 0.4, which makes validation accuracy fall in
