@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.cluster import SigtermStops, stop_if_sigterm_received, trainer_plugins
 from lightning_modules.pipeline import STATE_FILE, pipeline_class_of, resolve_pipeline_folder
@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     number of classes from it.
     """
     start = time.perf_counter()
+    _check_no_missing_values(cfg)
     _validate_test_weights(cfg)
     check_accelerator(cfg.trainer.get("accelerator"))
     _route_lightning_logs_through_root()
@@ -111,6 +112,23 @@ def _checkpoint_fits(checkpoint: str | None, module: L.LightningModule) -> Itera
         if checkpoint is None or not str(error).startswith("Error(s) in loading state_dict"):
             raise
         raise checkpoint_mismatch_error(checkpoint, module, error) from None
+
+
+def _check_no_missing_values(cfg: DictConfig) -> None:
+    """Raise ``ValueError`` naming every setting that the chosen configs leave as ``???``."""
+    missing = []
+    # Hydra's own node, present when a config is composed for tests, has ??? values that its run fills.
+    for key in (key for key in cfg if key != "hydra"):
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(str(key))
+        elif OmegaConf.is_config(cfg[key]):
+            missing += sorted(OmegaConf.missing_keys(cfg[key]))
+    if missing:
+        examples = " ".join(f"{key}=<value>" for key in missing)
+        raise ValueError(
+            f"the chosen configs require a value for {', '.join(missing)}, which they leave as ???. "
+            f"Set it on the command line: {examples}"
+        )
 
 
 def _validate_test_weights(cfg: DictConfig) -> None:

@@ -190,6 +190,11 @@ def test_unknown_config_key_is_rejected(compose_config: ComposeConfig) -> None:
         compose_config("trainer.max_epoch=3")
 
 
+def test_missing_required_value_is_named(compose_config: ComposeConfig) -> None:
+    with pytest.raises(ValueError, match="require a value for data.path, .* data.path=<value>"):
+        train(compose_config("data=imagefolder", *FAST))
+
+
 def test_negative_batch_size_is_rejected(compose_config: ComposeConfig) -> None:
     from lightning_modules.data import DataError
 
