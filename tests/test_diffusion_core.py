@@ -208,9 +208,11 @@ def test_spacing_valid_for_every_count(spacing: str) -> None:
 
 def test_invalid_timesteps_request_rejected() -> None:
     sampler = DDIMSampler(make_schedule("cosine"))
-    with pytest.raises(ValueError, match="from 1 to num_train_timesteps=1000, got 0"):
+    with pytest.raises(
+        ValueError, match=r"\(num_steps in the configs\) must be .* from 1 to the model's 1000 .* got 0"
+    ):
         sampler.set_timesteps(0)
-    with pytest.raises(ValueError, match="from 1 to num_train_timesteps=1000, got 1001"):
+    with pytest.raises(ValueError, match="from 1 to the model's 1000 training timesteps, got 1001"):
         sampler.set_timesteps(1001)
     with pytest.raises(
         ValueError, match="unknown timestep spacing 'uniform'; valid spacings: leading, trailing, linspace"
@@ -623,3 +625,15 @@ def test_time_shift_rejects_invalid_settings() -> None:
         TimeShift(window=10, cutoff=-1)
     with pytest.raises(ValueError, match="time_shift.placement must be one of sample, time_input, end_point"):
         TimeShift(window=10, cutoff=300, placement="target")
+
+
+def test_time_shift_cutoff_above_schedule_rejected() -> None:
+    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
+    with pytest.raises(ValueError, match=r"time_shift.cutoff=5000 is at or above the last training timestep \(999\)"):
+        DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=5000))
+    with pytest.raises(ValueError, match="time_shift.cutoff=999 "):
+        DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=999))
+
+    # A cutoff below the last timestep shifts, and a window of 0 turns time-shift off on purpose.
+    DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=998))
+    DDIMSampler(alphabar, time_shift=TimeShift(window=0, cutoff=5000))

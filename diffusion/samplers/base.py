@@ -54,8 +54,8 @@ def make_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: 
         or not 1 <= num_inference_steps <= num_train_timesteps
     ):
         raise ValueError(
-            f"num_inference_steps must be an integer from 1 to num_train_timesteps={num_train_timesteps}, "
-            f"got {num_inference_steps!r}"
+            f"the number of sampling steps (num_steps in the configs) must be an integer from 1 to the model's "
+            f"{num_train_timesteps} training timesteps, got {num_inference_steps!r}"
         )
 
     steps = num_inference_steps
@@ -134,6 +134,12 @@ class Sampler(ABC):
             raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
         if time_shift is not None and not isinstance(time_shift, TimeShift):
             raise TypeError(f"time_shift must be a TimeShift or None, got {type(time_shift).__name__}")
+        if time_shift is not None and time_shift.window > 0 and time_shift.cutoff >= len(alphabar) - 1:
+            raise ValueError(
+                f"time_shift.cutoff={time_shift.cutoff} is at or above the last training timestep "
+                f"({len(alphabar) - 1}), so no step would be shifted. Choose a cutoff below it (the official "
+                "settings use 300 to 900), or time_shift.window=0 to sample without time-shift"
+            )
 
         self.alphabar = alphabar
         self.prediction_type = prediction_type
