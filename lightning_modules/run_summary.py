@@ -33,15 +33,18 @@ def collect_summary(trainer: L.Trainer, loggers: list[Logger], wall_time_s: floa
     summary["wall_time_s"] = wall_time_s
     summary["output_dir"] = str(output_dir)
     checkpoint = trainer.checkpoint_callback
-    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+    # A test-only run, or a resumed run that had nothing left to train, writes no checkpoint.
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath and Path(checkpoint.dirpath).is_dir():
         summary["checkpoint_dir"] = checkpoint.dirpath
         summary["best_checkpoint"] = checkpoint.best_model_path or None
     # Only rank zero has a W&B run; the others hold a stand-in without settings.
     for logger in loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            # The run folder (what `wandb sync` takes), not its files/ subfolder.
-            summary["wandb_dir"] = str(Path(logger.experiment.dir).parent)
             summary["wandb_mode"] = logger.experiment.settings.mode
+            # A disabled run's folder is a placeholder that is never written.
+            if summary["wandb_mode"] != "disabled":
+                # The run folder (what `wandb sync` takes), not its files/ subfolder.
+                summary["wandb_dir"] = str(Path(logger.experiment.dir).parent)
     return summary
 
 
@@ -99,11 +102,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "test_samples_per_sec" in summary:
         rows.append(("test throughput", f"{summary['test_samples_per_sec']:,.0f} samples/s"))
     rows.append(("wall time", f"{summary['wall_time_s']:.1f} s"))
+    if "tested_weights" in summary:
+        rows.append(("tested weights", summary["tested_weights"]))
     rows.append(("logs", summary["output_dir"]))
     if "checkpoint_dir" in summary:
         rows.append(("checkpoints", summary["checkpoint_dir"]))
     if "wandb_dir" in summary:
         rows.append((f"W&B ({summary['wandb_mode']})", summary["wandb_dir"]))
+    elif "wandb_mode" in summary:
+        rows.append(("W&B", f"{summary['wandb_mode']}, nothing written"))
 
     width = max(len(label) for label, _ in rows)
     lines = ["", "leanlight run summary"] + [f"  {label:<{width}}  {value}" for label, value in rows]

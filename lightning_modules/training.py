@@ -93,6 +93,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir = Path(cfg.paths.output_dir)
         summary = collect_summary(trainer, loggers, time.perf_counter() - start, output_dir)
         summary.update(describe_run(cfg))
+        if cfg.get("test", True):
+            summary["tested_weights"] = test_checkpoint or "the weights at the end of training"
         if trainer.is_global_zero:
             save_summary(summary, output_dir)
             for logger in loggers:

@@ -15,6 +15,7 @@ import torch.nn as nn
 from omegaconf import open_dict
 
 from lightning_modules.classifier import ClassifierModule, load_classifier_weights
+from lightning_modules.run_summary import format_summary
 from lightning_modules.setup_run import summarize_load_error
 from lightning_modules.training import train
 from models import create_model
@@ -102,6 +103,14 @@ def test_wandb_writes_offline_run(compose_config: ComposeConfig, tmp_path: Path)
     summary = train(cfg)
     assert summary["wandb_mode"] == "offline"
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_disabled_wandb_reports_no_folder(compose_config: ComposeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    summary = train(compose_config("trainer.fast_dev_run=true", "trainer.accelerator=cpu", "logger=wandb"))
+    assert summary["wandb_mode"] == "disabled"
+    assert "wandb_dir" not in summary
+    assert ["W&B", "disabled,", "nothing", "written"] in [line.split() for line in format_summary(summary).splitlines()]
 
 
 def test_summary_reports_cost(compose_config: ComposeConfig, tmp_path: Path) -> None:
@@ -395,6 +404,10 @@ def test_test_only_run_uses_checkpoint(compose_config: ComposeConfig, tmp_path: 
     tested = train(test_only_cfg)
 
     assert tested["test/acc"] == pytest.approx(trained["test/acc"])
+    assert tested["tested_weights"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    # The test-only run writes no checkpoint, so the summary names no checkpoint folder.
+    assert "checkpoint_dir" not in tested
+    assert trained["tested_weights"] == "the weights at the end of training"
 
 
 def test_test_only_run_picks_best_checkpoint(compose_config: ComposeConfig, tmp_path: Path) -> None:
