@@ -204,8 +204,8 @@ class PolarizationModule(ClassifierModule):
         # Gate state that checkpoints carry (see on_save_checkpoint).
         self.frozen = False
         self.extracted = False
-        # The gates freeze at the start of an epoch, so this 0-based epoch index is also the
-        # number of epochs trained before the freeze.
+        # The gates freeze at the start of an epoch or at the end of training, so this 0-based
+        # epoch index is also the number of epochs trained before the freeze.
         self.freeze_epoch: int | None = None
         self.reduction_from_gates: float | None = None
         self.keep_masks: dict[int, torch.Tensor] | None = None
@@ -390,11 +390,17 @@ class PolarizationModule(ClassifierModule):
         else:
             self.extract(trainer.optimizers if trainer is not None else [])
         reduction = 1.0 - self.kept_flops_fraction()
+        if trainer is not None:
+            # Epoch ends log no reduction once the gates are frozen, so without this the last
+            # logged value (what W&B shows) would be the gates' own, before the freeze fitted it.
+            # The loggers are called directly because the freeze may run in on_train_end.
+            for logger in trainer.loggers:
+                logger.log_metrics({"pruning/flops_reduction": reduction}, step=trainer.global_step)
         blocks = ""
         if self.prune_blocks and self.graph.blocks:
             blocks = f", {len(removed)} of {len(self.graph.blocks)} residual blocks removed"
         rank_zero_info(
-            f"[pruning] gates frozen after {self.freeze_epoch} epochs: FLOPs reduction {100 * reduction:.1f}% "
+            f"[pruning] gates frozen after {_epochs_text(self.freeze_epoch)}: FLOPs reduction {100 * reduction:.1f}% "
             f"(target {100 * self.flops_reduction:.1f}%){blocks}"
         )
 
@@ -622,11 +628,11 @@ class PruningReportCallback(L.Callback):
 
         log.info("kept channels per layer (%s):\n%s", folder / "channels.txt", table)
         log.info(
-            "pruning: FLOPs reduction %.1f%% (target %.1f%%), parameter reduction %.1f%%, gates frozen after %s epochs",
+            "pruning: FLOPs reduction %.1f%% (target %.1f%%), parameter reduction %.1f%%, gates frozen after %s",
             100 * self.report["pruning_flops_reduction"],
             100 * self.report["pruning_flops_reduction_target"],
             100 * self.report["pruning_params_reduction"],
-            self.report["pruning_freeze_epoch"],
+            _epochs_text(self.report["pruning_freeze_epoch"]),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -646,7 +652,7 @@ class PruningReportCallback(L.Callback):
                 "parameter reduction",
                 f"{100 * report['pruning_params_reduction']:.1f} % (dense {report['pruning_dense_params']:,})",
             ),
-            ("gates frozen after", f"{report['pruning_freeze_epoch']} epochs"),
+            ("gates frozen after", _epochs_text(report["pruning_freeze_epoch"])),
         ]
         if report.get("pruning_blocks") == 0:
             rows.append(("residual blocks removed", "none: the network has no removable residual block"))
@@ -663,3 +669,10 @@ class PruningReportCallback(L.Callback):
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+def _epochs_text(epochs: int | None) -> str:
+    """Return "1 epoch" or "N epochs"; "no epoch count" for a freeze outside a Trainer."""
+    if epochs is None:
+        return "no epoch count"
+    return f"{epochs} epoch" if epochs == 1 else f"{epochs} epochs"

@@ -107,7 +107,7 @@ def test_budget_target_ramps_linearly(compose_config: ComposeConfig, tmp_path: P
         "trainer.max_epochs=4",
         "module.budget_ramp_fraction=0.25",
     )
-    train(cfg)
+    summary = train(cfg)
 
     rows = [row for row in _csv_rows(tmp_path) if row.get("pruning/target_reduction")]
     targets = {int(row["step"]): float(row["pruning/target_reduction"]) for row in rows}
@@ -122,6 +122,12 @@ def test_budget_target_ramps_linearly(compose_config: ComposeConfig, tmp_path: P
     assert sorted(epochs) == [0, 1, 2, 3]
     for epoch in (2, 3):
         assert float(epochs[epoch]["train/total_loss"]) == pytest.approx(float(epochs[epoch]["train/loss"]))
+
+    # The last logged reduction is the one the freeze fitted to the budget, as in the summary.
+    reductions = [
+        float(row["pruning/flops_reduction"]) for row in _csv_rows(tmp_path) if row.get("pruning/flops_reduction")
+    ]
+    assert reductions[-1] == pytest.approx(summary["pruning_flops_reduction"])
 
 
 @pytest.mark.parametrize(("t", "warns"), [(1.2, True), (0.5, False)])
