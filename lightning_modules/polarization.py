@@ -158,22 +158,27 @@ class PolarizationModule(ClassifierModule):
             init_checkpoint=init_checkpoint,
         )
         if not 0.0 <= flops_reduction < 1.0:
-            raise ValueError(f"flops_reduction must be in [0, 1), got {flops_reduction}")
+            raise ValueError(f"module.flops_reduction must be in [0, 1), got {flops_reduction}")
         if budget_gradient not in BUDGET_GRADIENTS:
-            raise ValueError(f"budget_gradient must be one of {', '.join(BUDGET_GRADIENTS)}, got {budget_gradient!r}")
+            raise ValueError(
+                f"module.budget_gradient must be one of {', '.join(BUDGET_GRADIENTS)}, got {budget_gradient!r}"
+            )
         if budget_penalty not in BUDGET_PENALTIES:
-            raise ValueError(f"budget_penalty must be one of {', '.join(BUDGET_PENALTIES)}, got {budget_penalty!r}")
+            raise ValueError(
+                f"module.budget_penalty must be one of {', '.join(BUDGET_PENALTIES)}, got {budget_penalty!r}"
+            )
         if not 0.5 < gate_init <= 1.0:
-            raise ValueError(f"gate_init must be in (0.5, 1] so that every channel starts open, got {gate_init}")
+            raise ValueError(f"module.gate_init must be in (0.5, 1] so that every channel starts open, got {gate_init}")
         if not 0.0 <= freeze_min_fraction <= freeze_max_fraction <= 1.0:
             raise ValueError(
-                "freeze fractions must satisfy 0 <= freeze_min_fraction <= freeze_max_fraction <= 1, got "
+                "module.freeze_min_fraction and module.freeze_max_fraction must satisfy 0 <= min <= max <= 1, got "
                 f"{freeze_min_fraction} and {freeze_max_fraction}"
             )
         if not 0.0 <= budget_ramp_fraction <= freeze_max_fraction:
             raise ValueError(
-                f"budget_ramp_fraction must be in [0, freeze_max_fraction={freeze_max_fraction}] so that the "
-                f"target is complete by the freeze, got {budget_ramp_fraction}; lower it or raise freeze_max_fraction"
+                f"module.budget_ramp_fraction must be in [0, module.freeze_max_fraction={freeze_max_fraction}] "
+                f"so that the target is complete by the freeze, got {budget_ramp_fraction}. Lower it or raise "
+                "module.freeze_max_fraction"
             )
         self.flops_reduction = flops_reduction
         self.budget_ramp_fraction = budget_ramp_fraction
@@ -192,7 +197,7 @@ class PolarizationModule(ClassifierModule):
         self.freeze_max_fraction = freeze_max_fraction
         self.fit_budget_at_freeze = fit_budget_at_freeze
         if round_to < 1:
-            raise ValueError(f"round_to must be >= 1 (1 keeps any width), got {round_to}")
+            raise ValueError(f"module.round_to must be >= 1 (1 keeps any width), got {round_to}")
         self.round_to = round_to
         self.prune_blocks = prune_blocks
         self.save_model = save_model

@@ -250,7 +250,7 @@ def _parse_vgg(model: nn.Module) -> tuple[list[_ConvStage], nn.Linear]:
     if not isinstance(features, nn.Sequential) or not isinstance(classifier, nn.Linear):
         raise ValueError(
             f"cannot convert {model_name}, because ANN-to-SNN conversion needs the CifarVGG layout: a 'features' "
-            "nn.Sequential, a global average 'pool' and a 'classifier' nn.Linear (models vgg11_bn, vgg16_bn)"
+            "nn.Sequential, a global average 'pool' and a 'classifier' nn.Linear (models vgg_bn, vgg11_bn, vgg16_bn)"
         )
     if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
         raise ValueError(f"cannot convert {model_name}.pool ({pool!r}), because it is not nn.AdaptiveAvgPool2d(1)")
@@ -306,7 +306,7 @@ def _reject_residual_networks(model: nn.Module) -> None:
             raise ValueError(
                 f"cannot convert {model_name}, because residual block {name!r} ({type(module).__name__}) adds its "
                 "shortcut before the ReLU, which the chain of spiking layers cannot express. ANN-to-SNN conversion "
-                "supports the VGG models (vgg11_bn, vgg16_bn) only"
+                "supports the VGG models (vgg_bn, vgg11_bn, vgg16_bn) only"
             )
 
 

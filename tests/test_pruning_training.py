@@ -1,6 +1,7 @@
 """Polarization pruning through the training task on digits: budget, cost counts, outputs, resume."""
 
 import csv
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -299,3 +300,16 @@ def test_report_without_fit_end(compose_config: ComposeConfig, tmp_path: Path, t
     assert summary["pruning_params"] == finished["pruning_params"] == summary["params"]
     assert (tmp_path / "second" / "pruning" / "channels.txt").is_file()
     assert load_pruned(tmp_path / "second" / "pruning" / "pruned_model.pt") is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("module.flops_reduction=-0.5", "module.flops_reduction must be in [0, 1), got -0.5"),
+        ("module.budget_penalty=foo", "module.budget_penalty must be one of squared, hinge, got 'foo'"),
+        ("module.round_to=0", "module.round_to must be >= 1"),
+    ],
+)
+def test_invalid_setting_names_config_key(compose_config: ComposeConfig, override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(compose_config(*SMALL, override))
