@@ -281,17 +281,21 @@ class SlimFlowPipeline(Pipeline):
             "pipeline_dir": str(self.folder),
             "wall_time_s": wall_time_s,
         }
-        log.info(
-            "SlimFlow (%s) in %s: teacher %d parameters, one-step student %d parameters, "
-            "test one-step %s to the teacher = %s; one-step samples: %s",
-            self.options.variant,
-            self.folder,
-            summary["slimflow/teacher_parameters"],
-            summary["slimflow/student_parameters"],
-            summary["slimflow/distance"],
-            summary["test/one_step_distance"],
-            grid,
-        )
+        distance = summary["test/one_step_distance"]
+        distance_text = "not measured"
+        if distance is not None:
+            distance_text = f"{distance:.4g} to the teacher's images, on held-out pairs"
+        rows = [
+            ("pipeline", str(self.folder)),
+            ("teacher", f"{summary['slimflow/teacher_parameters']:,} parameters"),
+            ("one-step student", f"{summary['slimflow/student_parameters']:,} parameters"),
+            ("one-step distance", distance_text),
+            ("  distance", summary["slimflow/distance"]),
+            ("one-step samples", str(grid)),
+        ]
+        width = max(len(label) for label, _ in rows)
+        lines = [f"  {label:<{width}}  {value}" for label, value in rows]
+        log.info("SlimFlow (%s) results\n%s", self.options.variant, "\n".join(lines))
         (self.folder / REPORT_FILE).write_text(
             json.dumps({"summary": summary, "stages": stage_summaries}, indent=2, default=str) + "\n"
         )

@@ -1,6 +1,7 @@
 """SlimFlow: the flow objective, reflow shards, beta schedules, distillation terms, the pipeline and sampling."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -448,7 +449,9 @@ def compose_pipeline(output_dir: Path, cache_dir: Path, *overrides: str) -> Dict
     return compose_train_config(output_dir, cache_dir, *PIPELINE, *overrides)
 
 
-def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path, recwarn: pytest.WarningsRecorder) -> None:
+def test_pipeline_resumes_after_stage(
+    tmp_path: Path, cache_dir: Path, recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = tmp_path / "run"
     killed = compose_pipeline(folder, cache_dir)
     with open_dict(killed):
@@ -465,6 +468,7 @@ def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path, recwarn: 
     teacher_mtime, shard_mtime = teacher_file.stat().st_mtime_ns, shard.stat().st_mtime_ns
 
     TRAINED_ROLES.clear()
+    caplog.set_level(logging.INFO)
     resumed = compose_pipeline(tmp_path / "resumed", cache_dir, f"ckpt_path={folder}")
     with open_dict(resumed):
         resumed.callbacks.record = {"_target_": f"{__name__}.RecordRoles"}
@@ -480,6 +484,10 @@ def test_pipeline_resumes_after_stage(tmp_path: Path, cache_dir: Path, recwarn: 
     assert summary["slimflow/distance"].startswith("pseudo-Huber")
     assert summary["slimflow/student_parameters"] * 3 < summary["slimflow/teacher_parameters"]
     assert math.isfinite(summary["test/one_step_distance"])
+    # The closing lines are a table, one result per line.
+    lines = [line for record in caplog.records for line in record.getMessage().splitlines()]
+    student_rows = [line.split() for line in lines if line.startswith("  one-step student ")]
+    assert student_rows == [["one-step", "student", f"{summary['slimflow/student_parameters']:,}", "parameters"]]
 
     # The distilled student is a flow checkpoint that sample.py reads with sampler=flow.
     student = load_flow_model(folder / "stages" / "distillation" / "flow.pt")
