@@ -68,6 +68,7 @@ def format_stage_table(rows: list[dict[str, Any]], constants: str) -> str:
         )
     lines.append(f"energy: estimated compute energy per inference ({constants})")
     lines.append("spike rate: spikes per neuron per timestep, over all neuron layers")
+    lines.append("ANN/SNN: the ANN's estimated energy divided by the stage's (higher is cheaper)")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from lightning_modules.classifier import load_classifier_weights
 from lightning_modules.iir_snn import IIRSNNPipeline
+from lightning_modules.iir_snn_report import format_stage_table
 from lightning_modules.pipeline import STATE_FILE, PipelineState, load_stage_weights
 from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.training import resume_folder, train
@@ -112,6 +113,21 @@ def test_pipeline_ends_with_stage_table(uninterrupted: dict[str, Any]) -> None:
     assert uninterrupted["summary"]["test/acc"] == rows[-1]["accuracy"]
     assert (folder / "plots" / "spike_rates.png").stat().st_size > 0
     assert (folder / "plots" / "accuracy_and_energy.png").stat().st_size > 0
+
+
+def test_stage_table_explains_its_columns() -> None:
+    ann_row = {
+        "stage": "ann",
+        "timesteps": None,
+        "accuracy": 0.7,
+        "spike_rate": None,
+        "energy_uj": 10.0,
+        "energy_ratio": 1.0,
+    }
+    table = format_stage_table([ann_row], "4.6 pJ/MAC")
+    # Header, rule and one row, then one legend line per column that needs one.
+    legends = [line.split(":")[0] for line in table.splitlines()[3:]]
+    assert legends == ["energy", "spike rate", "ANN/SNN"]
 
 
 def test_report_lists_stages_as_iir_snn(uninterrupted: dict[str, Any]) -> None:
