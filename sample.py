@@ -259,8 +259,9 @@ def load_frechet_reference(metrics: DictConfig, sample_shape: tuple[int, ...]) -
         reference = reference_data_from_datamodule(datamodule, metrics.reference_split)
     except DataError as error:
         raise DataError(
-            f"loading the reference data of the Frechet distance (metrics.data) failed: {error}. For a "
-            "model trained on other data, set data@metrics.data=<its data config>, such as data@metrics.data=digits"
+            "loading the reference data of the Frechet distance (metrics.data, CIFAR-10 by default) failed. For a "
+            "model trained on other data, set data@metrics.data=<its data config>, such as data@metrics.data=digits. "
+            f"The data error: {str(error).rstrip('.')}"
         ) from None
     if tuple(reference.images.shape[1:]) != tuple(sample_shape):
         raise ValueError(

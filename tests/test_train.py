@@ -224,6 +224,14 @@ def test_missing_cifar10_names_paths(compose_config: ComposeConfig, tmp_path: Pa
     assert str(raised.value).count(f"{data_dir} ") == 1
 
 
+def test_missing_cifar10_archive_downloads_into_its_folder(compose_config: ComposeConfig, tmp_path: Path) -> None:
+    from lightning_modules.data import DataError
+
+    cfg = compose_config(*FAST, "data=cifar10", f"data.path={tmp_path / 'nope.tar.gz'}")
+    with pytest.raises(DataError, match=f"download the original release into {tmp_path}\n"):
+        train(cfg)
+
+
 def test_multirun_gives_one_wandb_run_per_job(tmp_path: Path) -> None:
     command = [
         sys.executable,

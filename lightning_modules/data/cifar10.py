@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 TORCHVISION_FOLDER = "cifar-10-batches-py"
 # Archive names looked for inside a searched folder.
 ARCHIVE_NAMES = ("cifar10-jpeg.tar.gz", "cifar10.tar.gz", "cifar10.tgz", "cifar10.tar")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -211,9 +212,17 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         # data_dir is usually one of the search paths too; each path is looked at once.
         return list(dict.fromkeys([*self.search_paths, self.data_dir]))
 
+    def download_root(self) -> Path:
+        """Return the folder that ``download=true`` fills: ``path``, its folder for an archive, or ``data_dir``."""
+        if self.path is None:
+            return self.data_dir
+        if self.path.name.endswith(ARCHIVE_SUFFIXES):
+            return self.path.parent
+        return self.path
+
     def load_data(self) -> ImageClassificationData:
         source, notes = find_cifar10_source(self.candidate_paths())
-        download_root = self.path if self.path is not None else self.data_dir
+        download_root = self.download_root()
         if source is None:
             if not self.download:
                 raise missing_data_error(notes, download_root)
