@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
@@ -56,14 +57,24 @@ def describe_run(cfg: DictConfig) -> dict[str, Any]:
         return str(target).rsplit(".", 1)[-1] if target else None
 
     model = cfg.get("model")
+    # A model without a registry name (model=oms, built by a function) is named by its config choice.
+    model_name = (model.get("name") if model is not None else None) or _config_choice("model") or class_name(model)
     return {
         "task_name": cfg.get("task_name"),
         "module": class_name(cfg.get("module")),
-        "model": (model.get("name") if model is not None else None) or class_name(model),
+        "model": model_name,
         "data": class_name(cfg.get("data")),
         "group": cfg.get("group"),
         "tags": list(cfg.get("tags") or []),
     }
+
+
+def _config_choice(group: str) -> str | None:
+    """Return the option chosen for config ``group`` in this Hydra run, or None outside one."""
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get(group)
+    return str(choice) if choice is not None else None
 
 
 def save_summary(summary: dict[str, Any], output_dir: Path) -> Path:

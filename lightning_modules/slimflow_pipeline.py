@@ -39,7 +39,7 @@ from lightning_modules.pipeline import (
     StageResult,
     run_lightning_stage,
 )
-from lightning_modules.run_summary import save_summary
+from lightning_modules.run_summary import describe_run, save_summary
 from lightning_modules.setup_run import instantiate_user_object
 from lightning_modules.slimflow import (
     CHECKPOINT_KEY,
@@ -185,6 +185,8 @@ class SlimFlowPipeline(Pipeline):
             description={"teacher": str(self.stage_checkpoint("teacher")), "solver": solver},
         )
         summary = {
+            # The run's task, technique and model, so that a report places the stage with its pipeline.
+            **describe_run(self.cfg),
             "stage": context.name,
             "num_pairs": num_pairs,
             "shards": len(shards),

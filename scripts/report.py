@@ -132,7 +132,7 @@ def format_tables(records: list[RunRecord]) -> str:
         )
         extra_keys = [key for key in EXTRA_COLUMNS if any(key in record.extra for record in rows)]
         has_stages = any(record.stage for record in rows)
-        header = ["task", *(["stage"] if has_stages else []), "model", "test top-1", "params", "MACs/sample"]
+        header = ["task", *(["stage"] if has_stages else []), "model", "data", "test top-1", "params", "MACs/sample"]
         header += ["energy/inference", "wall time", *(EXTRA_COLUMNS[key][0] for key in extra_keys), "run"]
         lines = [f"## {technique}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for record in rows:
@@ -140,6 +140,7 @@ def format_tables(records: list[RunRecord]) -> str:
                 record.task_name or "",
                 *([record.stage or ""] if has_stages else []),
                 record.model or "",
+                (record.data or "").removesuffix("DataModule"),
                 _format(record.test_acc, "{:.2%}"),
                 _format(record.params, "{:,}"),
                 _format(None if record.macs_per_sample is None else record.macs_per_sample / 1e6, "{:.3f} M"),

@@ -315,6 +315,8 @@ def test_oms_digits_runs_one_batch(compose_config: ComposeConfig, tmp_path: Path
     assert np.isfinite(summary["test/loss"])
     assert summary["flops_per_sample"] > 0
     assert (tmp_path / "samples" / "oms_epoch_0001.png").is_file()
+    # The OMS network has no registry name; the summary names it by its config choice.
+    assert summary["model"] == "oms"
 
 
 def test_oms_module_rejects_wrong_condition_count() -> None:

@@ -23,6 +23,7 @@ DENSE = {
     "module": "ClassifierModule",
     "task_name": "cifar10_resnet20",
     "model": "resnet20",
+    "data": "CIFAR10DataModule",
     "test/acc": 0.8467,
     "params": 269722,
     "macs_per_sample": 40.55e6,
@@ -33,6 +34,7 @@ PRUNED = {
     "module": "PolarizationModule",
     "task_name": "polarization_resnet20_cifar10_cpu",
     "model": "resnet20",
+    "data": "CIFAR10DataModule",
     "test/acc": 0.84,
     "params": 150000,
     "macs_per_sample": 20.0e6,
@@ -65,6 +67,8 @@ def test_tables_group_runs_by_technique(tmp_path: Path) -> None:
     assert "84.00%" in pruned_row
     assert "50.7%" in pruned_row
     assert "20.000 M" in pruned_row
+    # Runs on different data sets can share a model and a technique, so the data set has a column.
+    assert "| resnet20 | CIFAR10 |" in pruned_row
 
 
 def test_report_writes_csv_and_plots(tmp_path: Path) -> None:

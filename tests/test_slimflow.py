@@ -481,6 +481,9 @@ def test_pipeline_resumes_after_stage(
     assert shard.stat().st_mtime_ns == shard_mtime
     state = json.loads((folder / STATE_FILE).read_text())
     assert all(record["finished"] for record in state["stages"].values())
+    # The pairs stage, which trains nothing, still names its pipeline for a report.
+    pairs_summary = json.loads((folder / "stages" / "pairs" / "summary.json").read_text())
+    assert (pairs_summary["module"], pairs_summary["stage"]) == ("SlimFlowPipeline", "pairs")
     assert summary["slimflow/distance"].startswith("pseudo-Huber")
     assert summary["slimflow/student_parameters"] * 3 < summary["slimflow/teacher_parameters"]
     assert math.isfinite(summary["test/one_step_distance"])
