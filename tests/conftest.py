@@ -16,7 +16,13 @@ os.environ["LEANLIGHT_ROOT"] = str(ROOT)
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 
-SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+# The CIFAR-10 archive the tests read: in data/, as a user places it, else the shared copy
+# next to the repository. Both are among data=cifar10's search paths.
+CIFAR10_CANDIDATES = (
+    ROOT / "data" / "cifar10-jpeg.tar.gz",
+    ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz",
+)
+CIFAR10_ARCHIVE = next((path for path in CIFAR10_CANDIDATES if path.is_file()), CIFAR10_CANDIDATES[-1])
 
 ComposeConfig = Callable[..., DictConfig]
 

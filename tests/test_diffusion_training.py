@@ -25,7 +25,7 @@ from lightning_modules.diffusion import (
 from lightning_modules.training import train
 from models import create_model
 from models.unet import group_norm
-from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig, compose_sample_config
+from tests.conftest import CIFAR10_ARCHIVE, ROOT, ComposeConfig, compose_sample_config
 
 # Parameter counts of the CIFAR-10 UNets as SlimFlow (Zhu et al., ECCV 2024) reports them.
 SLIMFLOW_PARAMETERS = {
@@ -221,8 +221,8 @@ def test_ddpm_digits_runs_one_batch(compose_config: ComposeConfig, tmp_path: Pat
 
 
 def test_ddpm_cifar10_cpu_runs_one_batch(compose_config: ComposeConfig, tmp_path: Path) -> None:
-    if not SHARED_CIFAR10.exists():
-        pytest.skip(f"CIFAR-10 archive not found at {SHARED_CIFAR10}")
+    if not CIFAR10_ARCHIVE.exists():
+        pytest.skip(f"CIFAR-10 archive not found at {CIFAR10_ARCHIVE}")
     summary = train(
         compose_config("experiment=ddpm_cifar10_cpu", "trainer.fast_dev_run=true", "data.batch_size=16", *QUICK)
     )

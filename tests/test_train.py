@@ -19,7 +19,7 @@ from lightning_modules.run_summary import format_summary
 from lightning_modules.setup_run import summarize_load_error
 from lightning_modules.training import train
 from models import create_model
-from tests.conftest import ROOT, SHARED_CIFAR10, ComposeConfig
+from tests.conftest import CIFAR10_ARCHIVE, ROOT, ComposeConfig
 
 EXPERIMENTS = sorted(path.stem for path in (ROOT / "configs" / "experiment").glob("*.yaml"))
 FAST = ("trainer.fast_dev_run=true", "trainer.accelerator=cpu", "logger=none")
@@ -53,8 +53,8 @@ def test_run_shows_no_library_notices(
 def test_experiment_runs_one_batch(compose_config: ComposeConfig, experiment: str) -> None:
     # A small batch keeps the paper-scale experiments (VGG-16 over five SNN stages) quick on a CPU.
     cfg = compose_config(f"experiment={experiment}", *FAST, "data.batch_size=16")
-    if cfg.data.get("search_paths") and not SHARED_CIFAR10.exists():
-        pytest.skip(f"CIFAR-10 archive not found at {SHARED_CIFAR10}")
+    if cfg.data.get("search_paths") and not CIFAR10_ARCHIVE.exists():
+        pytest.skip(f"CIFAR-10 archive not found at {CIFAR10_ARCHIVE}")
     with open_dict(cfg):
         cfg.data.num_workers = 0
     summary = train(cfg)
