@@ -75,6 +75,9 @@ class SpikingClassifierModule(L.LightningModule):
             a short run needs a larger scale for the thresholds to adapt to a new T.
     """
 
+    # What FlopsCallback's count covers, printed with it: spikes cost accumulates, not MACs.
+    cost_note = "multiplies only: the analog first layer, T times; spikes cost accumulates, see [energy]"
+
     def __init__(
         self,
         network: SpikingNetwork,

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lightning_modules.callbacks import throughput
 from lightning_modules.callbacks.energy import EnergyCallback, EnergyMeter, OperationCounts, estimate_inference_energy
-from lightning_modules.callbacks.flops import count_forward_cost
+from lightning_modules.callbacks.flops import FlopsCallback, count_forward_cost
 from models import create_model
 
 
@@ -100,6 +100,28 @@ def test_unavailable_energy_reason_logged_once(caplog: pytest.LogCaptureFixture)
     assert lines[0].startswith("[energy] fit: measured unavailable: no NVIDIA GPU in use")
     assert lines[1] == "[energy] test: measured unavailable, for the reason given above"
     assert callback.measured["test"].detail == callback.measured["fit"].detail
+
+
+class _CountedModule(nn.Module):
+    """A module whose cost model is one linear layer of 9 parameters."""
+
+    def cost_model(self) -> tuple[nn.Module, torch.Tensor]:
+        return nn.Linear(2, 3), torch.zeros(1, 2)
+
+
+class _PartlyCountedModule(_CountedModule):
+    """A module whose count covers only part of its work, as a spiking network's does."""
+
+    cost_note = "first layer only"
+
+
+@pytest.mark.parametrize(("module", "note"), [(_PartlyCountedModule(), " (first layer only)"), (_CountedModule(), "")])
+def test_flops_line_names_counted_part(caplog: pytest.LogCaptureFixture, module: nn.Module, note: str) -> None:
+    trainer = SimpleNamespace(loggers=[], global_step=0)
+    with caplog.at_level(logging.INFO):
+        FlopsCallback()._count("test", trainer, module)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("[flops]")]
+    assert lines == [f"[flops] test: 9 parameters, 0.00 M MACs = 0.00 M FLOPs per sample{note}"]
 
 
 def test_throughput_after_mid_epoch_resume(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,9 +94,11 @@ class FlopsCallback(L.Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        # A module whose cost model counts only part of its work names that part in cost_note.
+        note = getattr(pl_module, "cost_note", None)
         rank_zero_info(
             f"[flops] {stage}: {cost.parameters:,} parameters, {cost.macs / 1e6:.2f} M MACs "
-            f"= {cost.flops / 1e6:.2f} M FLOPs per sample"
+            f"= {cost.flops / 1e6:.2f} M FLOPs per sample" + (f" ({note})" if note else "")
         )
 
     def summary(self) -> dict[str, Any]:
