@@ -627,13 +627,31 @@ def test_time_shift_rejects_invalid_settings() -> None:
         TimeShift(window=10, cutoff=300, placement="target")
 
 
+def _shifted_steps(sampler: DDIMSampler) -> int:
+    return sum(sampler.shift_window(index) is not None for index in range(len(sampler.timesteps)))
+
+
 def test_time_shift_cutoff_above_schedule_rejected() -> None:
     alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
-    with pytest.raises(ValueError, match=r"time_shift.cutoff=5000 is at or above the last training timestep \(999\)"):
-        DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=5000))
-    with pytest.raises(ValueError, match="time_shift.cutoff=999 "):
-        DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=999))
+    # Ten trailing steps: 999, 899, ..., 99. The first is never shifted, so 899 is the highest candidate.
+    for cutoff in (5000, 998, 899):
+        sampler = DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=cutoff))
+        with pytest.raises(ValueError, match=rf"time_shift.cutoff={cutoff} .* \(at most 899 with 10 trailing steps\)"):
+            sampler.set_timesteps(10)
 
-    # A cutoff below the last timestep shifts, and a window of 0 turns time-shift off on purpose.
-    DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=998))
-    DDIMSampler(alphabar, time_shift=TimeShift(window=0, cutoff=5000))
+    sampler = DDIMSampler(alphabar, time_shift=TimeShift(window=40, cutoff=898))
+    sampler.set_timesteps(10)
+    assert _shifted_steps(sampler) == 1
+
+
+def test_time_shift_cutoff_accepts_unshiftable_schedules() -> None:
+    alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
+    # One step has nothing to shift, end_point never shifts the last of two steps, and window 0 turns it off.
+    for steps, shift in [
+        (1, TimeShift(window=40, cutoff=300)),
+        (2, TimeShift(window=40, cutoff=300, placement="end_point")),
+        (10, TimeShift(window=0, cutoff=5000)),
+    ]:
+        sampler = DDIMSampler(alphabar, time_shift=shift)
+        sampler.set_timesteps(steps)
+        assert _shifted_steps(sampler) == 0

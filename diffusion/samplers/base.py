@@ -134,12 +134,6 @@ class Sampler(ABC):
             raise ValueError(f"clip_x0 must be positive or None, got {clip_x0}")
         if time_shift is not None and not isinstance(time_shift, TimeShift):
             raise TypeError(f"time_shift must be a TimeShift or None, got {type(time_shift).__name__}")
-        if time_shift is not None and time_shift.window > 0 and time_shift.cutoff >= len(alphabar) - 1:
-            raise ValueError(
-                f"time_shift.cutoff={time_shift.cutoff} is at or above the last training timestep "
-                f"({len(alphabar) - 1}), so no step would be shifted. Choose a cutoff below it (the official "
-                "settings use 300 to 900), or time_shift.window=0 to sample without time-shift"
-            )
 
         self.alphabar = alphabar
         self.prediction_type = prediction_type
@@ -168,7 +162,8 @@ class Sampler(ABC):
 
         Raises:
             ValueError: for an epsilon-prediction model whose timesteps include one where
-                alphabar is 0, which no epsilon prediction can be sampled from.
+                alphabar is 0, which no epsilon prediction can be sampled from; and for a
+                time-shift cutoff at or above every timestep that time-shift could act on.
         """
         timesteps = make_timesteps(self.num_train_timesteps, num_inference_steps, spacing)
         if self.prediction_type == "epsilon" and bool((self.alphabar[timesteps] == 0).any()):
@@ -177,9 +172,28 @@ class Sampler(ABC):
                 "is 0 (a zero-terminal-SNR schedule), because x0 cannot be computed there. Use a model trained with "
                 "prediction_type 'v' or 'x0', or a schedule without zero_terminal_snr"
             )
+        self._check_time_shift_cutoff(timesteps, spacing)
         self.timesteps = timesteps
         self._step_index = 0
         self._reset_state()
+
+    def _check_time_shift_cutoff(self, timesteps: torch.Tensor, spacing: str) -> None:
+        """Raise ``ValueError`` when the cutoff alone keeps time-shift off every step of ``timesteps``.
+
+        The first step is never shifted, nor, with the ``"end_point"`` placement, the last one
+        (see :meth:`shift_window`). A schedule without other steps (one step) is not an error.
+        """
+        shift = self.time_shift
+        if shift is None or shift.window == 0:
+            return
+        last = len(timesteps) - (2 if shift.placement == "end_point" else 1)
+        candidates = [int(timestep) for timestep in timesteps[1 : last + 1]]
+        if candidates and max(candidates) <= shift.cutoff:
+            raise ValueError(
+                f"time_shift.cutoff={shift.cutoff} is at or above every timestep that time-shift could act on "
+                f"(at most {max(candidates)} with {len(timesteps)} {spacing} steps), so no step would be shifted. "
+                f"Choose a cutoff below {max(candidates)}, or time_shift.window=0 to sample without time-shift"
+            )
 
     def previous_timestep(self, index: int) -> int:
         """Return the timestep that step ``index`` moves to: the next entry of :attr:`timesteps`, or -1 after the last.
