@@ -162,7 +162,7 @@ class Sampler(ABC):
 
         Raises:
             ValueError: for an epsilon-prediction model whose timesteps include one where
-                alphabar is 0, which no epsilon prediction can be sampled from; and for a
+                alphabar is 0, which no epsilon prediction can be sampled from. Also for a
                 time-shift cutoff at or above every timestep that time-shift could act on.
         """
         timesteps = make_timesteps(self.num_train_timesteps, num_inference_steps, spacing)
