@@ -164,21 +164,31 @@ def summarize_load_error(error: RuntimeError, examples: int = 3) -> str:
     return "; ".join(parts)
 
 
-def recorded_overrides(checkpoint: str | Path) -> list[str] | None:
-    """Return the command-line overrides of the run that wrote ``checkpoint``, from its ``.hydra/overrides.yaml``.
+# Overrides that choose where a run writes or what it loads, not what it trains. Repeating
+# them would load the same checkpoint again, or write into the run folder of the checkpoint.
+_RUN_PLACEMENT_KEYS = ("ckpt_path", "train", "test", "run_id", "task_name", "paths.", "hydra.")
 
-    ``checkpoint`` is a file in a run folder's ``checkpoints/``. None when the folder has no record.
+
+def recorded_overrides(checkpoint: str | Path, output_dir: str | Path) -> list[str] | None:
+    """Return the overrides that chose the module, model and data of the run that wrote ``checkpoint``.
+
+    They come from its run folder's ``.hydra/overrides.yaml``, without the keys that place
+    the run (:data:`_RUN_PLACEMENT_KEYS`). ``checkpoint`` is a file in a run folder's
+    ``checkpoints/``. None when the folder has no record, or when it is this run's own
+    folder (``output_dir``), whose record Hydra has already replaced with this command's.
     """
-    path = Path(checkpoint)
+    path = Path(checkpoint).resolve()
     run_folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     record = run_folder / ".hydra" / "overrides.yaml"
-    if not record.is_file():
+    if run_folder == Path(output_dir).resolve() or not record.is_file():
         return None
-    overrides = OmegaConf.load(record)
-    return [str(item) for item in overrides if not str(item).startswith(("ckpt_path=", "train=", "test="))]
+    overrides = [str(item) for item in OmegaConf.load(record)]
+    return [item for item in overrides if not item.lstrip("+~").startswith(_RUN_PLACEMENT_KEYS)]
 
 
-def checkpoint_mismatch_error(checkpoint: str, module: L.LightningModule, error: RuntimeError) -> ValueError:
+def checkpoint_mismatch_error(
+    checkpoint: str, module: L.LightningModule, error: RuntimeError, output_dir: str | Path
+) -> ValueError:
     """Return the error for a checkpoint whose weights do not fit this run's module and network."""
     net = getattr(module, "net", None)
     network = f", network {type(net).__name__}" if net is not None else ""
@@ -186,7 +196,7 @@ def checkpoint_mismatch_error(checkpoint: str, module: L.LightningModule, error:
         f"the weights in {checkpoint} do not fit this run's module ({type(module).__name__}{network}): "
         f"{summarize_load_error(error)}. "
     )
-    overrides = recorded_overrides(checkpoint)
+    overrides = recorded_overrides(checkpoint, output_dir)
     if overrides:
         message += f"The run that wrote it was started with: {' '.join(overrides)}. Pass the same overrides"
     else:

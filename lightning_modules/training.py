@@ -81,12 +81,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     # The resumed checkpoint has the run's weights, so the initial ones need not exist any more.
                     log.info("resuming, so module.init_checkpoint=%s is not loaded", module.init_checkpoint)
                     module.init_checkpoint = None
-                with _checkpoint_fits(resume_checkpoint, module):
+                with _checkpoint_fits(resume_checkpoint, module, cfg.paths.output_dir):
                     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
                 stop_if_sigterm_received(trainer, "fit")
             if cfg.get("test", True):
                 test_checkpoint = _test_weights(cfg, trainer)
-                with _checkpoint_fits(test_checkpoint, module):
+                with _checkpoint_fits(test_checkpoint, module, cfg.paths.output_dir):
                     trainer.test(module, datamodule=datamodule, ckpt_path=test_checkpoint)
                 stop_if_sigterm_received(trainer, "test")
 
@@ -106,14 +106,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def _checkpoint_fits(checkpoint: str | None, module: L.LightningModule) -> Iterator[None]:
+def _checkpoint_fits(checkpoint: str | None, module: L.LightningModule, output_dir: str) -> Iterator[None]:
     """Replace torch's error for a checkpoint of another module or network with one that names the overrides to pass."""
     try:
         yield
     except RuntimeError as error:
         if checkpoint is None or not str(error).startswith("Error(s) in loading state_dict"):
             raise
-        raise checkpoint_mismatch_error(checkpoint, module, error) from None
+        raise checkpoint_mismatch_error(checkpoint, module, error, output_dir) from None
 
 
 def _check_no_missing_values(cfg: DictConfig) -> None:

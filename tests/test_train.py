@@ -16,7 +16,7 @@ from omegaconf import open_dict
 
 from lightning_modules.classifier import ClassifierModule, load_classifier_weights
 from lightning_modules.run_summary import format_summary
-from lightning_modules.setup_run import summarize_load_error
+from lightning_modules.setup_run import recorded_overrides, summarize_load_error
 from lightning_modules.training import train
 from models import create_model
 from tests.conftest import CIFAR10_ARCHIVE, ROOT, ComposeConfig
@@ -345,7 +345,9 @@ def test_test_only_with_other_model_names_overrides(compose_config: ComposeConfi
     train(compose_config(*DENSE_RUN))
     # What Hydra writes into a run folder; compose_config runs no Hydra job, so the test writes it.
     (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "overrides.yaml").write_text("- module=classifier\n- data.train_subset=64\n")
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(
+        "- module=classifier\n- data.train_subset=64\n- run_id=first\n- paths.log_dir=/tmp/logs\n"
+    )
 
     cfg = compose_config("module=classifier", "model=resnet32", "logger=none", "train=false", f"ckpt_path={tmp_path}")
     with open_dict(cfg):
@@ -358,6 +360,16 @@ def test_test_only_with_other_model_names_overrides(compose_config: ComposeConfi
     assert "missing key(s) (net.layer1.3.conv1.weight" in message
     assert "started with: module=classifier data.train_subset=64. Pass the same overrides" in message
     assert len(message) < 1000
+
+
+def test_recorded_overrides_skip_own_run_folder(tmp_path: Path) -> None:
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- model=resnet32\n- run_id=r1\n- +ckpt_path=x\n")
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+
+    assert recorded_overrides(checkpoint, tmp_path / "other_run") == ["model=resnet32"]
+    # A run resumed in its own folder: Hydra has replaced the record with the failing command's overrides.
+    assert recorded_overrides(checkpoint, tmp_path) is None
 
 
 def _load_error(net: nn.Module, state: dict[str, torch.Tensor]) -> RuntimeError:
