@@ -195,14 +195,20 @@ def test_fold_batchnorm_keeps_function() -> None:
 
 
 # The ANN with average pooling and dropout trains to a lower accuracy in the same six epochs.
+# Its converted network also needs more timesteps: at T=64 it reached 95.2 % on one CPU
+# thread and 96.2 % on two (the summation order changes some spikes), at T=128 97.2 % and
+# 97.7 %, against 98.0 % for the ANN.
 @pytest.mark.parametrize(
-    ("ann_fixture", "min_ann_accuracy"), [("trained_vgg", 0.95), ("trained_average_pooling_vgg", 0.9)]
+    ("ann_fixture", "min_ann_accuracy", "timesteps"),
+    [("trained_vgg", 0.95, 64), ("trained_average_pooling_vgg", 0.9, 128)],
 )
-def test_conversion_approaches_ann_accuracy(request, digits, ann_fixture: str, min_ann_accuracy: float) -> None:
+def test_conversion_approaches_ann_accuracy(
+    request, digits, ann_fixture: str, min_ann_accuracy: float, timesteps: int
+) -> None:
     ann = request.getfixturevalue(ann_fixture)
     train_images, _, test_images, test_labels = digits
     ann_accuracy = _accuracy(ann, test_images, test_labels)
-    network = convert_vgg_to_snn(ann, train_images[:256], timesteps=64)
+    network = convert_vgg_to_snn(ann, train_images[:256], timesteps=timesteps)
     snn_accuracy = _accuracy(network, test_images, test_labels)
     assert ann_accuracy > min_ann_accuracy, "the ANN did not train; the conversion check needs a trained ANN"
     assert snn_accuracy >= ann_accuracy - 0.02
