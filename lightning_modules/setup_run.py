@@ -147,33 +147,36 @@ def summarize_load_error(error: RuntimeError, examples: int = 3) -> str:
     torch lists every missing and unexpected key, thousands of characters for a ResNet,
     which buries the one line a user needs.
     """
-    parts = []
+    key_counts, mismatches = [], []
     for line in str(error).splitlines()[1:]:
         line = line.strip()
         names = re.findall(r'"([^"]+)"', line)
         if line.startswith(("Missing key(s)", "Unexpected key(s)")) and names:
             kind = "missing" if line.startswith("Missing") else "unexpected"
             listed = ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
-            parts.append(f"{len(names)} {kind} key(s) ({listed})")
+            key_counts.append(f"{len(names)} {kind} key(s) ({listed})")
         elif line.startswith("size mismatch"):
-            parts.append(line.rstrip("."))
-    if not parts:
+            mismatches.append(line.rstrip("."))
+    if not key_counts and not mismatches:
         return str(error)
-    if len(parts) > examples + 2:
-        parts = parts[: examples + 2] + [f"{len(parts) - examples - 2} more size mismatch(es)"]
+
+    parts = key_counts + mismatches[:examples]
+    if len(mismatches) > examples:
+        parts.append(f"{len(mismatches) - examples} more size mismatch(es)")
     return "; ".join(parts)
 
 
 # Overrides that choose where a run writes or what it loads, not what it trains. Repeating
 # them would load the same checkpoint again, or write into the run folder of the checkpoint.
-_RUN_PLACEMENT_KEYS = ("ckpt_path", "train", "test", "run_id", "task_name", "paths.", "hydra.")
+_RUN_PLACEMENT_KEYS = frozenset({"ckpt_path", "train", "test", "run_id", "task_name"})
+_RUN_PLACEMENT_GROUPS = ("paths.", "hydra.")
 
 
 def recorded_overrides(checkpoint: str | Path, output_dir: str | Path) -> list[str] | None:
     """Return the overrides that chose the module, model and data of the run that wrote ``checkpoint``.
 
     They come from its run folder's ``.hydra/overrides.yaml``, without the keys that place
-    the run (:data:`_RUN_PLACEMENT_KEYS`). ``checkpoint`` is a file in a run folder's
+    the run (:data:`_RUN_PLACEMENT_KEYS`, ``paths.*``, ``hydra.*``). ``checkpoint`` is a file in a run folder's
     ``checkpoints/``. None when the folder has no record, or when it is this run's own
     folder (``output_dir``), whose record Hydra has already replaced with this command's.
     """
@@ -182,8 +185,13 @@ def recorded_overrides(checkpoint: str | Path, output_dir: str | Path) -> list[s
     record = run_folder / ".hydra" / "overrides.yaml"
     if run_folder == Path(output_dir).resolve() or not record.is_file():
         return None
-    overrides = [str(item) for item in OmegaConf.load(record)]
-    return [item for item in overrides if not item.lstrip("+~").startswith(_RUN_PLACEMENT_KEYS)]
+    return [str(item) for item in OmegaConf.load(record) if not _places_run(str(item))]
+
+
+def _places_run(override: str) -> bool:
+    """Return whether a Hydra override such as ``+run_id=x`` sets one of the keys that place a run."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key in _RUN_PLACEMENT_KEYS or key.startswith(_RUN_PLACEMENT_GROUPS)
 
 
 def checkpoint_mismatch_error(

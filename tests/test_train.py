@@ -224,7 +224,7 @@ def test_missing_cifar10_names_paths(compose_config: ComposeConfig, tmp_path: Pa
     assert str(raised.value).count(f"{data_dir} ") == 1
 
 
-def test_missing_cifar10_archive_downloads_into_its_folder(compose_config: ComposeConfig, tmp_path: Path) -> None:
+def test_download_folder_of_missing_archive(compose_config: ComposeConfig, tmp_path: Path) -> None:
     from lightning_modules.data import DataError
 
     cfg = compose_config(*FAST, "data=cifar10", f"data.path={tmp_path / 'nope.tar.gz'}")
@@ -341,12 +341,13 @@ def test_init_checkpoint_of_other_model_is_named(compose_config: ComposeConfig, 
         load_classifier_weights(net, tmp_path)
 
 
-def test_test_only_with_other_model_names_overrides(compose_config: ComposeConfig, tmp_path: Path) -> None:
+def test_mismatched_checkpoint_names_overrides(compose_config: ComposeConfig, tmp_path: Path) -> None:
     train(compose_config(*DENSE_RUN))
     # What Hydra writes into a run folder; compose_config runs no Hydra job, so the test writes it.
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text(
         "- module=classifier\n- data.train_subset=64\n- run_id=first\n- paths.log_dir=/tmp/logs\n"
+        "- trainer.max_epochs=1\n- test_weights=best\n"
     )
 
     cfg = compose_config("module=classifier", "model=resnet32", "logger=none", "train=false", f"ckpt_path={tmp_path}")
@@ -358,7 +359,11 @@ def test_test_only_with_other_model_names_overrides(compose_config: ComposeConfi
     message = str(raised.value)
     assert "do not fit this run's module (ClassifierModule, network CifarResNet)" in message
     assert "missing key(s) (net.layer1.3.conv1.weight" in message
-    assert "started with: module=classifier data.train_subset=64. Pass the same overrides" in message
+    # trainer.* and test_weights share a prefix with the train and test keys, and are kept.
+    assert (
+        "started with: module=classifier data.train_subset=64 trainer.max_epochs=1 test_weights=best. "
+        "Pass the same overrides" in message
+    )
     assert len(message) < 1000
 
 
@@ -391,8 +396,8 @@ def test_load_error_summary_shortens_mismatches() -> None:
     net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(8)])
     error = _load_error(net, {name: torch.zeros(1) for name in net.state_dict()})
     summary = summarize_load_error(error)
-    assert summary.count("size mismatch for") == 5
-    assert summary.endswith("; 11 more size mismatch(es)")
+    assert summary.count("size mismatch for") == 3
+    assert summary.endswith("; 13 more size mismatch(es)")
 
 
 # Four epochs at a constant learning rate of 0.4, which makes validation accuracy fall in
