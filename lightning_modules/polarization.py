@@ -396,9 +396,8 @@ class PolarizationModule(ClassifierModule):
             self.extract(trainer.optimizers if trainer is not None else [])
         reduction = 1.0 - self.kept_flops_fraction()
         if trainer is not None:
-            # Epoch ends log no reduction once the gates are frozen, so without this the last
-            # logged value (what W&B shows) would be the gates' own, before the freeze fitted it.
-            # The loggers are called directly because the freeze may run in on_train_end.
+            # Frozen gates log no more reductions, so this value, fitted to the budget, is the
+            # last one W&B shows. self.log is not allowed in on_train_end, where a freeze may run.
             for logger in trainer.loggers:
                 logger.log_metrics({"pruning/flops_reduction": reduction}, step=trainer.global_step)
         blocks = ""
@@ -677,7 +676,7 @@ def _is_nan(value: Any) -> bool:
 
 
 def _epochs_text(epochs: int | None) -> str:
-    """Return "1 epoch" or "N epochs"; "no epoch count" for a freeze outside a Trainer."""
+    """Return "1 epoch" or "N epochs", or "an unknown number of epochs" for a freeze outside a Trainer."""
     if epochs is None:
-        return "no epoch count"
+        return "an unknown number of epochs"
     return f"{epochs} epoch" if epochs == 1 else f"{epochs} epochs"

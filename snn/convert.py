@@ -35,10 +35,10 @@ network here keeps every timestep in memory at once, so the default is the netwo
 
 NOTE: with ``"spiking"`` a layer's input is roughly the ANN's activation divided by the
 earlier thresholds, while each folded bias keeps the ANN's scale, so the biases weigh
-more than in the ANN. On the digits VGG of ``tests/test_snn.py`` the converted network
-was at chance (18 % at T=32, against 96 % with ``"ann"``). Dividing each bias by the
-product of the earlier thresholds raised it to 65 %, so the biases explain most, not
-all, of the loss. IIR-SNN's code keeps the biases as they are, and so does this one.
+more than in the ANN. In a one-thread check outside the tests, the digits VGG of
+``tests/test_snn.py`` converted to chance (18 % at T=32, against 96 % with ``"ann"``).
+Dividing each bias by the product of the earlier thresholds raised it to 65 %, so the
+biases explain most, not all, of the loss. IIR-SNN's code keeps the biases as they are, and so does this one.
 
 Each ``MaxPool2d`` becomes a :class:`snn.network.RateGatedMaxPool2d`, which passes
 the spikes of the window's most active input. Plain max-pooling of spikes fires when

@@ -631,7 +631,7 @@ def _shifted_steps(sampler: DDIMSampler) -> int:
     return sum(sampler.shift_window(index) is not None for index in range(len(sampler.timesteps)))
 
 
-def test_time_shift_cutoff_above_schedule_rejected() -> None:
+def test_cutoff_above_schedule_rejected() -> None:
     alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
     # Ten trailing steps: 999, 899, ..., 99. The first is never shifted, so 899 is the highest candidate.
     for cutoff in (5000, 998, 899):
@@ -644,7 +644,7 @@ def test_time_shift_cutoff_above_schedule_rejected() -> None:
     assert _shifted_steps(sampler) == 1
 
 
-def test_time_shift_cutoff_accepts_unshiftable_schedules() -> None:
+def test_cutoff_ignored_without_shiftable_steps() -> None:
     alphabar = make_schedule("cosine", NUM_TRAIN_TIMESTEPS)
     # One step has nothing to shift, end_point never shifts the last of two steps, and window 0 turns it off.
     for steps, shift in [

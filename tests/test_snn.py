@@ -195,9 +195,9 @@ def test_fold_batchnorm_keeps_function() -> None:
 
 
 # The ANN with average pooling and dropout trains to a lower accuracy in the same six epochs.
-# Its converted network also needs more timesteps: at T=64 it reached 95.2 % on one CPU
-# thread and 96.2 % on two (the summation order changes some spikes), at T=128 97.2 % and
-# 97.7 %, against 98.0 % for the ANN.
+# Its converted network also needs more timesteps. At T=64 it reached 95.2 % on one CPU
+# thread and 96.2 % on two, because the summation order changes some spikes. At T=128 it
+# reached 97.2 % and 97.7 %, against 98.0 % for the ANN.
 @pytest.mark.parametrize(
     ("ann_fixture", "min_ann_accuracy", "timesteps"),
     [("trained_vgg", 0.95, 64), ("trained_average_pooling_vgg", 0.9, 128)],
